@@ -1,0 +1,166 @@
+"""Versioned, forward-only schema migrations recorded in a ledger.
+
+Each migration is a numbered list of statements written once for both
+dialects, with ``{serial_pk}`` and ``{double}`` filled in per dialect. The
+``schema_migrations`` table records what ran. A database whose ledger names a
+version this code does not know is refused: an older goclaw must never write
+to a schema it does not understand.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+from goclaw.errors import SchemaTooNewError
+from goclaw.store.database import Database
+
+_TYPES = {
+    "sqlite": {"serial_pk": "INTEGER PRIMARY KEY AUTOINCREMENT", "double": "REAL"},
+    "postgresql": {"serial_pk": "BIGSERIAL PRIMARY KEY", "double": "DOUBLE PRECISION"},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    statements: tuple[str, ...]
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        1,
+        "task lifecycle, events, workers, leaders",
+        (
+            """CREATE TABLE tasks (
+                id {serial_pk},
+                kind TEXT NOT NULL,
+                queue TEXT NOT NULL,
+                payload TEXT NOT NULL,
+                state TEXT NOT NULL,
+                priority INTEGER NOT NULL DEFAULT 0,
+                attempts INTEGER NOT NULL DEFAULT 0,
+                max_attempts INTEGER NOT NULL,
+                run_after {double} NOT NULL,
+                idempotency_key TEXT UNIQUE,
+                ref TEXT UNIQUE,
+                lease_owner TEXT,
+                lease_token INTEGER NOT NULL DEFAULT 0,
+                lease_expires_at {double},
+                error_streak INTEGER NOT NULL DEFAULT 0,
+                last_error TEXT,
+                reason TEXT,
+                result TEXT,
+                created_at {double} NOT NULL,
+                updated_at {double} NOT NULL,
+                finished_at {double}
+            )""",
+            # The claim reads this index in claim order and never sorts.
+            """CREATE INDEX tasks_claim_order ON tasks (queue, priority DESC, run_after, id)
+               WHERE state IN ('QUEUED', 'RETRY_WAIT')""",
+            """CREATE INDEX tasks_next_due ON tasks (queue, run_after)
+               WHERE state IN ('QUEUED', 'RETRY_WAIT')""",
+            """CREATE INDEX tasks_lease_expiry ON tasks (lease_expires_at)
+               WHERE state IN ('CLAIMED', 'RUNNING')""",
+            "CREATE INDEX tasks_state_created ON tasks (state, created_at)",
+            """CREATE TABLE task_events (
+                id {serial_pk},
+                task_id INTEGER NOT NULL REFERENCES tasks (id),
+                type TEXT NOT NULL,
+                from_state TEXT,
+                to_state TEXT,
+                at {double} NOT NULL,
+                lease_token INTEGER,
+                worker TEXT,
+                detail TEXT
+            )""",
+            "CREATE INDEX task_events_task ON task_events (task_id, id)",
+            """CREATE TABLE workers (
+                id TEXT PRIMARY KEY,
+                hostname TEXT NOT NULL,
+                pid INTEGER NOT NULL,
+                queue TEXT NOT NULL,
+                concurrency INTEGER NOT NULL,
+                started_at {double} NOT NULL,
+                heartbeat_at {double} NOT NULL,
+                stopped_at {double}
+            )""",
+            """CREATE TABLE leaders (
+                role TEXT PRIMARY KEY,
+                owner TEXT NOT NULL,
+                expires_at {double} NOT NULL
+            )""",
+        ),
+    ),
+)
+
+LATEST_VERSION = MIGRATIONS[-1].version
+
+LEDGER_DDL = """CREATE TABLE IF NOT EXISTS schema_migrations (
+    version INTEGER PRIMARY KEY,
+    name TEXT NOT NULL,
+    applied_at {double} NOT NULL
+)"""
+
+
+def current_version(db: Database) -> int:
+    if not _ledger_exists(db):
+        return 0
+    row = db.fetchone("SELECT MAX(version) FROM schema_migrations")
+    return int(row[0] or 0)
+
+
+def migrate(db: Database, migrations: tuple[Migration, ...] = MIGRATIONS) -> list[int]:
+    """Bring the schema up to date; return the versions applied now.
+
+    Safe to call from several processes at once: each migration runs in a
+    transaction that holds the write lock (SQLite) or an advisory lock
+    (PostgreSQL) and re-reads the ledger first.
+    """
+    types = _TYPES[db.dialect]
+    latest = migrations[-1].version
+    applied: list[int] = []
+    with db.transaction():
+        _lock(db)
+        db.execute(LEDGER_DDL.format(**types))
+    for migration in migrations:
+        with db.transaction():
+            _lock(db)
+            version = _refuse_newer(db, latest)
+            if migration.version <= version:
+                continue
+            for statement in migration.statements:
+                db.execute(statement.format(**types))
+            db.execute(
+                "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
+                (migration.version, migration.name, time.time()),
+            )
+            applied.append(migration.version)
+    # Nothing pending: still refuse a schema from the future.
+    _refuse_newer(db, latest)
+    return applied
+
+
+def _refuse_newer(db: Database, latest: int) -> int:
+    version = current_version(db)
+    if version > latest:
+        raise SchemaTooNewError(
+            f"the database at {db.describe()} has schema version {version}, "
+            f"but this goclaw knows versions up to {latest}: upgrade goclaw "
+            "(older code must not write to a newer schema)"
+        )
+    return version
+
+
+def _lock(db: Database) -> None:
+    if not db.is_sqlite:
+        db.execute("SELECT pg_advisory_xact_lock(4242001)")
+
+
+def _ledger_exists(db: Database) -> bool:
+    if db.is_sqlite:
+        sql = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'"
+    else:
+        sql = "SELECT 1 FROM information_schema.tables WHERE table_schema = current_schema() AND table_name = 'schema_migrations'"
+    return db.fetchone(sql) is not None
