@@ -204,7 +204,8 @@ class Broker:
                     "lease_token = lease_token + 1, lease_expires_at = ?, "
                     "attempts = attempts + 1, updated_at = ? "
                     f"WHERE id IN ({marks}) AND state IN {CLAIMABLE_SQL} "
-                    "RETURNING id, lease_token, kind, payload, attempts, max_attempts, priority, ref",
+                    "RETURNING id, lease_token, kind, payload, attempts, max_attempts, "
+                    "priority, ref",
                     (owner, expires, now, *previous),
                 )
                 rows = [(r[0], previous[r[0]], *r[1:]) for r in rows]
@@ -313,8 +314,10 @@ class Broker:
             sets = {**done, "last_error": error, "reason": outcome.code or Reason.BAD_INPUT}
             return S.FAILED, sets, "task.failed"
         if outcome.status == "canceled":
-            return S.CANCELED, {**done, "last_error": error, "reason": Reason.CANCELED}, (
-                "task.canceled"
+            return (
+                S.CANCELED,
+                {**done, "last_error": error, "reason": Reason.CANCELED},
+                ("task.canceled"),
             )
         if outcome.status == "released":
             # Interrupted by a shutdown: the attempt did not really happen.
@@ -330,7 +333,11 @@ class Broker:
         streak = streak + 1 if error == last_error else 1
         sets = {"last_error": error, "error_streak": streak}
         if streak >= self.settings.poison_pill_threshold:
-            return S.DEAD_LETTER, {**sets, **done, "reason": Reason.POISON_PILL}, "task.dead_lettered"
+            return (
+                S.DEAD_LETTER,
+                {**sets, **done, "reason": Reason.POISON_PILL},
+                "task.dead_lettered",
+            )
         if attempts >= max_attempts:
             sets = {**sets, **done, "reason": Reason.RETRIES_EXHAUSTED}
             return S.DEAD_LETTER, sets, "task.dead_lettered"
@@ -343,9 +350,7 @@ class Broker:
         sets = {**sets, "lease_owner": None, "lease_expires_at": None, "run_after": now + wait}
         return S.RETRY_WAIT, sets, "task.retry_scheduled"
 
-    def renew(
-        self, owner: str, claims: Sequence[Claim], *, now: float | None = None
-    ) -> list[int]:
+    def renew(self, owner: str, claims: Sequence[Claim], *, now: float | None = None) -> list[int]:
         """Extend the leases of ``claims``; return the ids whose lease is gone."""
         now = self.clock() if now is None else now
         expires = now + self.settings.lease_seconds
@@ -528,9 +533,9 @@ class Broker:
             raise TaskNotFound(f"task {task_id} does not exist")
         return Task.from_row(row)
 
-    def events(self, task_id: int | None = None, *, after: int = 0, limit: int = 1000) -> list[
-        TaskEvent
-    ]:
+    def events(
+        self, task_id: int | None = None, *, after: int = 0, limit: int = 1000
+    ) -> list[TaskEvent]:
         if task_id is None:
             rows = self.db.fetchall(
                 f"SELECT {EVENT_COLUMNS} FROM task_events WHERE id > ? ORDER BY id LIMIT ?",
@@ -565,6 +570,13 @@ class Broker:
         rows = self.db.fetchall("SELECT state, COUNT(*) FROM tasks GROUP BY state")
         found = dict(rows)
         return {s.value: int(found.get(s.value, 0)) for s in TaskState}
+
+    def queue_depth(self, queue: str) -> int:
+        """Tasks of ``queue`` waiting to be claimed (QUEUED or RETRY_WAIT)."""
+        row = self.db.fetchone(
+            f"SELECT COUNT(*) FROM tasks WHERE queue = ? AND state IN {CLAIMABLE_SQL}", (queue,)
+        )
+        return int(row[0])
 
     def expired_leases(self, *, now: float | None = None) -> int:
         now = self.clock() if now is None else now
@@ -625,7 +637,9 @@ class Broker:
         token: int | None = None,
     ) -> str:
         if state is None:
-            row = self.db.fetchone("SELECT state, lease_token FROM tasks WHERE id = ?", (claim.task_id,))
+            row = self.db.fetchone(
+                "SELECT state, lease_token FROM tasks WHERE id = ?", (claim.task_id,)
+            )
             state, token = row if row else ("?", None)
         if token != claim.token:
             why = f"lease token {claim.token} was superseded by {token}"
@@ -651,10 +665,7 @@ class Broker:
         self.db.executemany(
             "INSERT INTO task_events (task_id, type, from_state, to_state, at, lease_token, "
             "worker, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            [
-                (r[0], r[1], None if r[2] is None else str(r[2]), str(r[3]), *r[4:])
-                for r in rows
-            ],
+            [(r[0], r[1], None if r[2] is None else str(r[2]), str(r[3]), *r[4:]) for r in rows],
         )
 
 
@@ -688,7 +699,7 @@ def _detail(outcome: Outcome, sets: Mapping[str, Any]) -> dict[str, Any] | None:
     detail: dict[str, Any] = {}
     if outcome.error:
         detail["error"] = outcome.error[:MAX_ERROR_CHARS]
-    if "reason" in sets and sets["reason"]:
+    if sets.get("reason"):
         detail["reason"] = str(sets["reason"])
     if "run_after" in sets and outcome.status == "error":
         detail["retry_at"] = sets["run_after"]

@@ -84,7 +84,9 @@ class BrokerSettings:
                 f"got {self.poison_pill_threshold}"
             )
         if self.retry_max_seconds < self.retry_base_seconds:
-            raise ConfigError("broker.retry_max_seconds: must not be below broker.retry_base_seconds")
+            raise ConfigError(
+                "broker.retry_max_seconds: must not be below broker.retry_base_seconds"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +96,10 @@ class WorkerSettings:
     queue: str = "default"
     #: ``thread`` or ``process`` (Huey's worker types).
     worker_type: str = "thread"
+    #: Tasks a process may hold claimed beyond those it runs (visible as CLAIMED).
+    #: 1 lets a finishing thread start its next task in the same commit; 0 is
+    #: fairest to other workers when tasks are long.
+    prefetch: int = 1
 
     def validate(self) -> None:
         if self.concurrency < 1:
@@ -104,6 +110,8 @@ class WorkerSettings:
             )
         if not self.queue:
             raise ConfigError("worker.queue: must not be empty")
+        if not 0 <= self.prefetch <= 1000:
+            raise ConfigError(f"worker.prefetch: must be between 0 and 1000, got {self.prefetch}")
 
 
 SECTIONS: dict[str, type] = {
@@ -234,3 +242,10 @@ def _coerce(key: str, type_name: Any, value: Any) -> Any:
 def _positive(key: str, value: float) -> None:
     if not value > 0:
         raise ConfigError(f"{key}: must be greater than 0, got {value}")
+
+
+def render_defaults() -> str:
+    """Every setting at its default, as YAML (used when config.example.yaml is not at hand)."""
+    data = {name: dataclasses.asdict(cls()) for name, cls in SECTIONS.items()}
+    header = "# goclaw configuration: every key at its default (see config.example.yaml).\n"
+    return header + yaml.safe_dump(data, sort_keys=False)

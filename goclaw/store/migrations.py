@@ -16,8 +16,12 @@ from goclaw.errors import SchemaTooNewError
 from goclaw.store.database import Database
 
 _TYPES = {
-    "sqlite": {"serial_pk": "INTEGER PRIMARY KEY AUTOINCREMENT", "double": "REAL"},
-    "postgresql": {"serial_pk": "BIGSERIAL PRIMARY KEY", "double": "DOUBLE PRECISION"},
+    "sqlite": {"serial_pk": "INTEGER PRIMARY KEY AUTOINCREMENT", "double": "REAL", "blob": "BLOB"},
+    "postgresql": {
+        "serial_pk": "BIGSERIAL PRIMARY KEY",
+        "double": "DOUBLE PRECISION",
+        "blob": "BYTEA",
+    },
 }
 
 
@@ -31,7 +35,7 @@ class Migration:
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         1,
-        "task lifecycle, events, workers, leaders",
+        "task lifecycle, events, workers, leaders, kv",
         (
             """CREATE TABLE tasks (
                 id {serial_pk},
@@ -85,6 +89,13 @@ MIGRATIONS: tuple[Migration, ...] = (
                 started_at {double} NOT NULL,
                 heartbeat_at {double} NOT NULL,
                 stopped_at {double}
+            )""",
+            # Huey's auxiliary data (revocation flags, locks); never task state.
+            """CREATE TABLE kv (
+                namespace TEXT NOT NULL,
+                key TEXT NOT NULL,
+                value {blob} NOT NULL,
+                PRIMARY KEY (namespace, key)
             )""",
             """CREATE TABLE leaders (
                 role TEXT PRIMARY KEY,
@@ -162,5 +173,8 @@ def _ledger_exists(db: Database) -> bool:
     if db.is_sqlite:
         sql = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'"
     else:
-        sql = "SELECT 1 FROM information_schema.tables WHERE table_schema = current_schema() AND table_name = 'schema_migrations'"
+        sql = (
+            "SELECT 1 FROM information_schema.tables "
+            "WHERE table_schema = current_schema() AND table_name = 'schema_migrations'"
+        )
     return db.fetchone(sql) is not None

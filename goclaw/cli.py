@@ -1,0 +1,527 @@
+"""The ``goclaw`` command line: a thin layer over the broker.
+
+Each command calls the same library API the tests call. Errors are one line
+on stderr (``{"error": ...}`` on stdout under ``--json``) with exit status 1;
+usage errors exit 2. Only ``goclaw worker`` and ``goclaw bench`` import Huey's
+consumer; nothing here imports LiteLLM.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import secrets
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from goclaw.broker import Broker
+from goclaw.config import Config, load_config
+from goclaw.errors import ConfigError, GoclawError
+from goclaw.records import iso
+from goclaw.states import TERMINAL, TaskState
+
+console = Console()
+err_console = Console(stderr=True)
+
+STATE_STYLES = {
+    "QUEUED": "cyan",
+    "CLAIMED": "blue",
+    "RUNNING": "yellow",
+    "RETRY_WAIT": "magenta",
+    "SUCCEEDED": "green",
+    "FAILED": "red",
+    "CANCELED": "dim",
+    "DEAD_LETTER": "bold red",
+}
+
+
+class Context:
+    """What every command shares: where the home is and how to open the broker."""
+
+    def __init__(self, home: str | None, config_path: str | None) -> None:
+        self.home = home
+        self.config_path = config_path
+        self._config: Config | None = None
+        self._broker: Broker | None = None
+
+    @property
+    def config(self) -> Config:
+        if self._config is None:
+            self._config = load_config(self.home, self.config_path)
+        return self._config
+
+    @property
+    def broker(self) -> Broker:
+        if self._broker is None:
+            from goclaw.worker import open_broker
+
+            self._broker = open_broker(self.config)
+        return self._broker
+
+
+def command(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Run a command body; turn goclaw errors into one line and a non-zero exit."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        as_json = kwargs.get("as_json", False)
+        try:
+            return func(*args, **kwargs)
+        except (GoclawError, ValueError) as exc:
+            message = str(exc)
+            if as_json:
+                click.echo(json.dumps({"error": message}))
+            else:
+                err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+            sys.exit(1)
+
+    return wrapper
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+
+
+def emit_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=None, default=str))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--home",
+    type=click.Path(file_okay=False),
+    envvar="GOCLAW_HOME",
+    help="goclaw's home directory [default: $GOCLAW_HOME or ~/.goclaw].",
+)
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    help="Configuration file [default: HOME/config.yaml].",
+)
+@click.version_option(package_name="goclaw")
+@click.pass_context
+def main(ctx: click.Context, home: str | None, config_path: str | None) -> None:
+    """goclaw: a durable orchestration kernel for AI agents."""
+    ctx.obj = Context(home, config_path)
+
+
+# -- init ----------------------------------------------------------------------
+
+DEFAULT_POLICY = """\
+# goclaw policy: default deny. Nothing is allowed unless listed here.
+# The policy engine reads this file; until a capability is granted, it is refused.
+version: 1
+default: deny
+capabilities: []
+"""
+
+
+@main.command()
+@json_option
+@click.pass_obj
+@command
+def init(obj: Context, as_json: bool) -> None:
+    """Create HOME with config.yaml, policy.yaml, auth.token and the database.
+
+    Safe to run again: existing files are kept as they are.
+    """
+    from goclaw.config import resolve_home
+
+    home = resolve_home(obj.home)
+    home.mkdir(parents=True, exist_ok=True)
+    created, kept = [], []
+
+    def write(name: str, text: str, mode: int = 0o644) -> None:
+        path = home / name
+        if path.exists():
+            kept.append(name)
+            return
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.chmod(path, mode)
+        created.append(name)
+
+    write("config.yaml", _example_config())
+    write("policy.yaml", DEFAULT_POLICY)
+    write("auth.token", secrets.token_urlsafe(32) + "\n", mode=0o600)
+    obj.home = str(home)
+    db_existed = obj.config.database_url.startswith("sqlite:") and (home / "goclaw.db").exists()
+    broker = obj.broker
+    (kept if db_existed else created).append("database")
+    if as_json:
+        emit_json(
+            {"home": str(home), "created": created, "kept": kept, "database": broker.db.describe()}
+        )
+        return
+    console.print(f"goclaw home: [bold]{home}[/]")
+    for name in created:
+        console.print(f"  [green]created[/] {name}")
+    for name in kept:
+        console.print(f"  [dim]kept[/]    {name}")
+
+
+def _example_config() -> str:
+    example = Path(__file__).resolve().parent.parent / "config.example.yaml"
+    if example.exists():
+        return example.read_text(encoding="utf-8")
+    from goclaw.config import render_defaults
+
+    return render_defaults()
+
+
+# -- worker --------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--concurrency", "-c", type=click.IntRange(min=1), help="Tasks run at once.")
+@click.option("--queue", "-q", help="Queue to serve [default: worker.queue].")
+@click.option("--worker-type", type=click.Choice(["thread", "process"]), help="Huey worker type.")
+@click.option("--verbose", "-v", is_flag=True, help="Log every task.")
+@click.pass_obj
+@command
+def worker(
+    obj: Context, concurrency: int | None, queue: str | None, worker_type: str | None, verbose: bool
+) -> None:
+    """Claim and run tasks until stopped (SIGINT: finish running tasks; SIGTERM: release them)."""
+    from goclaw.worker import run_worker
+
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("goclaw").setLevel(logging.INFO)
+    if not verbose:
+        logging.getLogger("huey").setLevel(logging.WARNING)
+    run_worker(obj.config, concurrency=concurrency, queue=queue, worker_type=worker_type)
+
+
+# -- submit --------------------------------------------------------------------
+
+
+def parse_args(pairs: tuple[str, ...]) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs; a VALUE that parses as JSON is taken as JSON (1.5, true, [1])."""
+    args: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint="--arg")
+        try:
+            args[key] = json.loads(raw)
+        except ValueError:
+            args[key] = raw
+    return args
+
+
+@main.command()
+@click.argument("prompt", required=False)
+@click.option("--kind", "-k", help="Task kind (noop, sleep, fail, echo, ...).")
+@click.option("--arg", "-a", "arg_pairs", multiple=True, metavar="KEY=VALUE", help="Task argument.")
+@click.option(
+    "--count", "-n", type=click.IntRange(min=1, max=100_000), default=1, show_default=True
+)
+@click.option("--priority", "-p", type=int, default=0, show_default=True, help="Higher runs first.")
+@click.option("--max-attempts", type=click.IntRange(min=1), help="[default: broker.max_attempts]")
+@click.option("--idempotency-key", help="Repeat submissions with this key return the same task.")
+@click.option("--queue", "-q", default=None, help="[default: worker.queue]")
+@click.option("--delay", type=click.FloatRange(min=0), default=0, help="Seconds before it may run.")
+@click.option("--wait", "-w", is_flag=True, help="Follow the task(s) until they end.")
+@click.option("--timeout", type=float, default=None, help="With --wait: give up after N seconds.")
+@json_option
+@click.pass_obj
+@command
+def submit(
+    obj: Context,
+    prompt: str | None,
+    kind: str | None,
+    arg_pairs: tuple[str, ...],
+    count: int,
+    priority: int,
+    max_attempts: int | None,
+    idempotency_key: str | None,
+    queue: str | None,
+    delay: float,
+    wait: bool,
+    timeout: float | None,
+    as_json: bool,
+) -> None:
+    """Queue work: a PROMPT for an agent, or a task of --kind KIND."""
+    if prompt is not None and kind is not None:
+        raise click.UsageError("give either a PROMPT or --kind, not both")
+    if prompt is None and kind is None:
+        raise click.UsageError("give a PROMPT or --kind KIND")
+    if prompt is not None:
+        raise GoclawError(
+            "prompts run on the agent runtime, which this version does not include yet; "
+            "submit a task with --kind (noop, sleep, fail, echo)"
+        )
+    args = parse_args(arg_pairs)
+    broker = obj.broker
+    submitted = broker.submit(
+        kind,
+        args,
+        queue=queue or obj.config.worker.queue,
+        priority=priority,
+        max_attempts=max_attempts,
+        idempotency_key=idempotency_key,
+        delay=delay,
+        count=count,
+    )
+    ids = [s.task_id for s in submitted]
+    if not wait:
+        if as_json:
+            emit_json({"task_ids": ids})
+        else:
+            for s in submitted:
+                note = "" if s.created else "  (existing: same idempotency key)"
+                click.echo(f"{s.task_id}{note}")
+        return
+    final = follow(broker, ids, timeout=timeout, quiet=as_json)
+    if as_json:
+        emit_json({"task_ids": ids, "tasks": [final[i].as_json() for i in ids]})
+    if any(final[i].state is not TaskState.SUCCEEDED for i in ids):
+        sys.exit(1)
+
+
+def follow(broker: Broker, ids: list[int], *, timeout: float | None, quiet: bool) -> dict:
+    """Print each task's state changes as they happen until every task has ended."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    cursor = 0
+    watching = set(ids)
+    tasks = {}
+    while True:
+        events = broker.events(after=cursor, limit=5000)
+        for event in events:
+            cursor = event.event_id
+            if event.task_id in watching and not quiet:
+                style = STATE_STYLES.get(event.to_state or "", "")
+                detail = ""
+                if event.detail:
+                    data = json.loads(event.detail)
+                    detail = "  " + ", ".join(f"{k}={v}" for k, v in data.items())
+                console.print(
+                    f"[dim]{iso(event.at)}[/] task {event.task_id}: {event.type} "
+                    f"{event.from_state or '-'} -> [{style}]{event.to_state}[/]{detail}",
+                    highlight=False,
+                )
+        if len(events) < 5000:
+            tasks = {i: broker.get(i) for i in ids}
+            if all(t.state in TERMINAL for t in tasks.values()):
+                return tasks
+            if deadline is not None and time.monotonic() > deadline:
+                pending = [i for i, t in tasks.items() if t.state not in TERMINAL]
+                raise GoclawError(f"timed out waiting for task(s) {pending}")
+            time.sleep(0.05)
+
+
+# -- inspecting ----------------------------------------------------------------
+
+
+@main.command()
+@click.option(
+    "--state", "-s", type=click.Choice([s.value for s in TaskState], case_sensitive=False)
+)
+@click.option("--kind", "-k")
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
+@json_option
+@click.pass_obj
+@command
+def tasks(obj: Context, state: str | None, kind: str | None, limit: int, as_json: bool) -> None:
+    """List tasks, newest first."""
+    rows = obj.broker.tasks(state=state.upper() if state else None, kind=kind, limit=limit)
+    if as_json:
+        emit_json([t.as_json() for t in rows])
+        return
+    table = Table("id", "kind", "state", "attempts", "priority", "created", "reason")
+    for t in rows:
+        style = STATE_STYLES.get(t.state.value, "")
+        table.add_row(
+            str(t.id),
+            t.kind,
+            f"[{style}]{t.state.value}[/]",
+            f"{t.attempts}/{t.max_attempts}",
+            str(t.priority),
+            iso(t.created_at) or "",
+            t.reason or "",
+        )
+    console.print(table)
+
+
+@main.group()
+def task() -> None:
+    """Inspect or control one task."""
+
+
+@task.command("show")
+@click.argument("task_id", type=int)
+@json_option
+@click.pass_obj
+@command
+def task_show(obj: Context, task_id: int, as_json: bool) -> None:
+    """A task with its full event history."""
+    record = obj.broker.get(task_id)
+    events = obj.broker.events(task_id, limit=100_000)
+    if as_json:
+        emit_json({**record.as_json(), "events": [e.as_json() for e in events]})
+        return
+    data = record.as_json()
+    for key in (
+        "id",
+        "kind",
+        "state",
+        "attempts",
+        "max_attempts",
+        "priority",
+        "args",
+        "result",
+        "last_error",
+        "reason",
+        "lease_owner",
+        "lease_token",
+        "lease_expires_at",
+        "created_at",
+        "finished_at",
+    ):
+        if data.get(key) is not None:
+            value = json.dumps(data[key]) if key in ("args", "result") else data[key]
+            console.print(f"[bold]{key:>16}[/] {value}", highlight=False)
+    table = Table("event", "type", "from", "to", "at", "token", "worker", "detail")
+    for e in events:
+        table.add_row(
+            str(e.event_id),
+            e.type,
+            e.from_state or "-",
+            e.to_state or "-",
+            iso(e.at) or "",
+            "" if e.lease_token is None else str(e.lease_token),
+            e.worker or "",
+            e.detail or "",
+        )
+    console.print(table)
+
+
+@task.command("cancel")
+@click.argument("task_id", type=int)
+@click.option("--reason", default="", help="Recorded with the cancel event.")
+@json_option
+@click.pass_obj
+@command
+def task_cancel(obj: Context, task_id: int, reason: str, as_json: bool) -> None:
+    """Cancel a task in any non-terminal state (a running task stops within a second)."""
+    record = obj.broker.cancel(task_id, reason=reason)
+    if as_json:
+        emit_json(record.as_json())
+    else:
+        click.echo(f"task {task_id}: {record.state.value}")
+
+
+@task.command("retry")
+@click.argument("task_id", type=int)
+@json_option
+@click.pass_obj
+@command
+def task_retry(obj: Context, task_id: int, as_json: bool) -> None:
+    """Re-queue a FAILED or DEAD_LETTER task with a fresh set of attempts."""
+    record = obj.broker.retry(task_id)
+    if as_json:
+        emit_json(record.as_json())
+    else:
+        click.echo(f"task {task_id}: {record.state.value}")
+
+
+@main.command()
+@json_option
+@click.pass_obj
+@command
+def status(obj: Context, as_json: bool) -> None:
+    """Tasks per state, live workers and expired leases."""
+    broker = obj.broker
+    counts = broker.counts()
+    workers = broker.live_workers()
+    expired = broker.expired_leases()
+    if as_json:
+        emit_json(
+            {
+                "database": broker.db.describe(),
+                "counts": counts,
+                "workers": [w.as_json() for w in workers],
+                "live_workers": len(workers),
+                "expired_leases": expired,
+            }
+        )
+        return
+    console.print(f"database: {broker.db.describe()}", highlight=False)
+    table = Table("state", "tasks")
+    for state, n in counts.items():
+        table.add_row(f"[{STATE_STYLES[state]}]{state}[/]", str(n))
+    console.print(table)
+    console.print(f"live workers: {len(workers)}")
+    for w in workers:
+        console.print(
+            f"  {w.id}  queue={w.queue} concurrency={w.concurrency} "
+            f"heartbeat={iso(w.heartbeat_at)}",
+            highlight=False,
+        )
+    console.print(f"expired leases: {expired}")
+
+
+# -- bench ---------------------------------------------------------------------
+
+
+@main.group()
+def bench() -> None:
+    """Same-run comparisons against what a user would pick instead."""
+
+
+@bench.command("queue")
+@click.option("--tasks", "n_tasks", type=click.IntRange(min=10), default=2000, show_default=True)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=2,
+    show_default=True,
+    help="Worker threads, for goclaw and for stock Huey alike.",
+)
+@click.option("--latency-samples", type=click.IntRange(min=5), default=50, show_default=True)
+@click.option("--dir", "workdir", type=click.Path(file_okay=False), help="Where the databases go.")
+@json_option
+@command
+def bench_queue(
+    n_tasks: int, workers: int, latency_samples: int, workdir: str | None, as_json: bool
+) -> None:
+    """goclaw's durable lifecycle vs stock SqliteHuey vs a bare sqlite3 lease loop."""
+    from goclaw.bench import run_queue_bench
+
+    result = run_queue_bench(
+        n_tasks=n_tasks,
+        workers=workers,
+        latency_samples=latency_samples,
+        workdir=workdir,
+        progress=None if as_json else lambda msg: err_console.print(f"[dim]{msg}[/]"),
+    )
+    if as_json:
+        emit_json(result)
+        return
+    table = Table("measure", "value")
+    for key, value in result.items():
+        table.add_row(key, f"{value:.2f}" if isinstance(value, float) else str(value))
+    console.print(table)
+
+
+def run() -> None:  # pragma: no cover - console entry point alias
+    main()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
+
+__all__ = ["ConfigError", "main"]

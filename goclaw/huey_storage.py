@@ -1,0 +1,431 @@
+"""Huey storage backed by the broker: dequeue leases a task, nothing is deleted on read.
+
+Huey's consumer calls ``dequeue()`` in each worker thread and runs what it
+gets. Here ``dequeue`` is one broker transaction that
+
+1. records the outcomes reported since the last one (any thread's),
+2. takes a prefetched claim, or claims a task, and moves it to RUNNING,
+3. tops up the prefetch buffer (those tasks stay visibly CLAIMED),
+
+and only then hands Huey a message rebuilt from the task row. A task whose
+kind is unknown or whose payload does not fit is failed in that same
+transaction and never reaches Huey. Outcomes come back through Huey's
+post-execute hook and signals and are committed by the next ``dequeue`` or
+by ``flush`` at shutdown; until then the lease keeper keeps their leases.
+
+Idle threads block on the doorbell (``blocking = True`` tells Huey's
+consumer not to sleep-poll), waking on a ring, when the next delayed task
+falls due, or after ``idle_poll_seconds`` at most.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from typing import Any, Protocol
+
+from huey.exceptions import CancelExecution
+from huey.registry import Message
+from huey.signals import SIGNAL_INTERRUPTED
+from huey.storage import BaseStorage
+
+from goclaw.broker import Broker, Outcome
+from goclaw.context import TaskContext
+from goclaw.doorbell import Listener
+from goclaw.errors import DatabaseError, PermanentTaskError, TaskCanceled
+from goclaw.leases import Holdings, LeaseKeeper, Reaper, ServiceThread
+from goclaw.records import Claim
+from goclaw.store.kv import KeyValue
+
+log = logging.getLogger(__name__)
+
+
+class KindIndex(Protocol):
+    """What the storage needs to know about task kinds (implemented by ``App``)."""
+
+    def validate(self, claim: Claim) -> tuple[str, str] | None: ...
+
+    def huey_name(self, kind: str) -> str: ...
+
+    def kind_of(self, huey_name: str) -> str: ...
+
+
+class GoclawStorage(BaseStorage):
+    blocking = True
+    priority = True
+
+    def __init__(
+        self,
+        name: str = "default",
+        *,
+        broker: Broker,
+        kinds: KindIndex,
+        concurrency: int = 1,
+        prefetch: int = 1,
+        worker_id: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(name)
+        self.broker = broker
+        self.queue = name
+        self.kinds = kinds
+        self.concurrency = concurrency
+        self.prefetch = max(prefetch, 0)
+        self.base_worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
+        self.serializer: Any = None  # set by App: Huey's serializer
+        self.kv = KeyValue(broker.db, name)
+        self.holdings = Holdings()
+        self._pending: list[tuple[Claim, Outcome]] = []
+        self._pending_lock = threading.Lock()
+        self._exchange_lock = threading.Lock()
+        self._pid: int | None = None
+        self._creator_pid = os.getpid()
+        self._process_lock = threading.Lock()
+        self._services: list[ServiceThread] = []
+        self.listener: Listener | None = None
+        self.worker_id = self.base_worker_id
+
+    # -- per-process services ------------------------------------------------
+
+    def start_process_services(self) -> None:
+        """Register this process as a worker and start its listener, keeper and reaper.
+
+        Lazy and keyed on the pid: Huey's process workers fork after the
+        storage exists, and each child needs its own connection and threads.
+        """
+        with self._process_lock:
+            pid = os.getpid()
+            if self._pid == pid:
+                return
+            if self._pid is not None:  # forked child: drop the parent's handles
+                self.broker.db.close()
+                self.holdings = Holdings()
+                self._pending = []
+                self._services = []
+                self.worker_id = f"{self.base_worker_id}/{pid}"
+            self._pid = pid
+            broker = self.broker
+            broker.register_worker(
+                self.worker_id,
+                hostname=socket.gethostname(),
+                pid=pid,
+                queue=self.queue,
+                concurrency=self.concurrency,
+            )
+            self.listener = broker.doorbell.listen(broker.db, self.queue, self.concurrency)
+            keeper = LeaseKeeper(broker, self.holdings, self.worker_id)
+            reaper = Reaper(broker, self.worker_id)
+            self._services = [
+                ServiceThread("goclaw-lease-keeper", keeper.loop, keeper.interval).start(),
+                ServiceThread("goclaw-reaper", reaper.loop, reaper.interval).start(),
+            ]
+            log.info("worker %s serving queue %r", self.worker_id, self.queue)
+
+    def stop_process_services(self) -> None:
+        for service in self._services:
+            service.stop()
+        if self.listener is not None:
+            self.listener.close()
+        if self._pid == os.getpid():
+            try:
+                self.broker.worker_stopped(self.worker_id)
+            except DatabaseError:
+                log.warning("could not mark worker %s stopped", self.worker_id)
+
+    # -- the queue -------------------------------------------------------------
+
+    def dequeue(self) -> bytes | None:
+        self.start_process_services()
+        try:
+            claim = self._exchange()
+        except DatabaseError as exc:
+            log.warning("claim failed, retrying: %s", exc)
+            time.sleep(0.05)
+            return None
+        if claim is None:
+            self._wait_for_work()
+            return None
+        if self.listener is not None:
+            self.listener.pass_on()  # more may be waiting: wake the next idle thread
+        return self._message(claim)
+
+    def _exchange(self) -> Claim | None:
+        """Report, start and claim in one transaction; see the module docstring."""
+        broker = self.broker
+        with self._exchange_lock:
+            reports = self._take_pending()
+            chosen: Claim | None = None
+            taken = 0
+            new_claims: list[Claim] = []
+            try:
+                with broker.transaction():
+                    for claim, outcome in reports:
+                        result = broker.report(claim, outcome)
+                        if not result.accepted:
+                            log.warning(
+                                "report for task %s rejected: %s", claim.task_id, result.detail
+                            )
+                    buffered = list(self.holdings.buffer)
+                    candidates = buffered
+                    while chosen is None:
+                        if taken < len(candidates):
+                            candidate = candidates[taken]
+                            taken += 1
+                        else:
+                            fresh = broker.claim(
+                                self.worker_id,
+                                queue=self.queue,
+                                limit=1 + self.prefetch,
+                            )
+                            if not fresh:
+                                break
+                            candidates = candidates + fresh
+                            new_claims.extend(fresh)
+                            continue
+                        problem = self.kinds.validate(candidate)
+                        if problem is not None:
+                            code, message = problem
+                            broker.report(candidate, Outcome.permanent(message, code))
+                            continue
+                        if broker.start(candidate):
+                            chosen = candidate
+                    if chosen is not None and not new_claims:
+                        room = self.prefetch - (len(buffered) - taken)
+                        if room > 0:
+                            new_claims = broker.claim(self.worker_id, queue=self.queue, limit=room)
+                            candidates = candidates + new_claims
+            except BaseException:
+                self._return_pending(reports)
+                raise
+            with self.holdings.lock:
+                self.holdings.buffer.clear()
+                self.holdings.buffer.extend(candidates[taken:])
+                for claim, _ in reports:
+                    self.holdings.running.pop(claim.task_id, None)
+                if chosen is not None:
+                    self.holdings.running[chosen.task_id] = TaskContext(chosen)
+            return chosen
+
+    def _wait_for_work(self) -> None:
+        settings = self.broker.settings
+        timeout = settings.idle_poll_seconds
+        try:
+            due = self.broker.next_due(self.queue)
+        except DatabaseError:
+            due = None
+        if due is not None:
+            timeout = min(timeout, max(due - self.broker.clock(), 0.001))
+        if self.listener is not None:
+            self.listener.wait(timeout)
+        else:
+            time.sleep(timeout)
+
+    def _message(self, claim: Claim) -> bytes:
+        from goclaw.app import split_payload
+
+        args, kwargs = split_payload(claim.payload)
+        message = Message(
+            claim.ref or str(claim.task_id),
+            self.kinds.huey_name(claim.kind),
+            None,  # eta: run_after was already honoured by the claim
+            0,  # retries: the broker retries, never Huey
+            0,
+            claim.priority,
+            tuple(args),
+            kwargs,
+        )
+        return self.serializer.serialize(message)
+
+    # -- outcomes --------------------------------------------------------------
+
+    def context_for(self, message_id: str) -> TaskContext:
+        with self.holdings.lock:
+            for ctx in self.holdings.running.values():
+                if (ctx.claim.ref or str(ctx.claim.task_id)) == message_id:
+                    return ctx
+        raise LookupError(f"no running task with message id {message_id}")
+
+    def report_execution(self, task: Any, value: Any, exc: BaseException | None) -> None:
+        """Huey post-execute hook: queue the outcome for the next commit."""
+        if exc is None:
+            outcome = Outcome.succeeded(value)
+        elif isinstance(exc, PermanentTaskError):
+            outcome = Outcome.permanent(str(exc), exc.code)
+        elif isinstance(exc, TaskCanceled | CancelExecution):
+            outcome = Outcome.canceled(str(exc) or "canceled")
+        else:
+            outcome = Outcome.error_from(exc)
+        self._queue_report(task.id, outcome)
+
+    def report_signal(self, signal: str, task: Any, *args: Any) -> None:
+        """Huey signals for paths that skip post-execute (revoked, expired, interrupted)."""
+        if signal == SIGNAL_INTERRUPTED:
+            self._queue_report(task.id, Outcome.released())
+            self.flush()  # the consumer is exiting: nothing else will commit it
+        else:
+            self._queue_report(task.id, Outcome.canceled(f"huey: {signal}"))
+
+    def _queue_report(self, message_id: str, outcome: Outcome) -> None:
+        try:
+            ctx = self.context_for(message_id)
+        except LookupError:
+            log.debug("outcome for unknown message %s ignored", message_id)
+            return
+        with self._pending_lock:
+            if any(c.task_id == ctx.task_id for c, _ in self._pending):
+                return  # already reported (CancelExecution emits a signal and the hook)
+            self._pending.append((ctx.claim, outcome))
+
+    def flush(self) -> None:
+        """Commit pending outcomes and release prefetched claims (worker shutdown)."""
+        with self._exchange_lock:
+            reports = self._take_pending()
+            with self.holdings.lock:
+                buffered = list(self.holdings.buffer)
+                self.holdings.buffer.clear()
+            reports += [(claim, Outcome.released()) for claim in buffered]
+            if not reports:
+                return
+            try:
+                with self.broker.transaction():
+                    for claim, outcome in reports:
+                        self.broker.report(claim, outcome)
+            except DatabaseError:
+                log.exception(
+                    "could not record %d outcome(s); their leases will expire and the "
+                    "tasks will run again",
+                    len(reports),
+                )
+                return
+            self.holdings.forget([claim.task_id for claim, _ in reports])
+
+    def on_worker_shutdown(self) -> None:
+        """Huey shutdown hook, run by each worker thread or process as it exits."""
+        self.flush()
+        if os.getpid() != self._creator_pid:
+            # A forked process worker: its keeper and listener die with it.
+            self.stop_process_services()
+
+    def _take_pending(self) -> list[tuple[Claim, Outcome]]:
+        with self._pending_lock:
+            reports, self._pending = self._pending, []
+        return reports
+
+    def _return_pending(self, reports: list[tuple[Claim, Outcome]]) -> None:
+        with self._pending_lock:
+            self._pending = reports + self._pending
+
+    # -- Huey's API path: tasks enqueued with huey.enqueue / task() calls -----
+
+    def enqueue(self, data: bytes, priority: float | None = None) -> None:
+        message = self.serializer.deserialize(data)
+        self._submit_message(message, eta=message.eta)
+
+    def add_to_schedule(self, data: bytes, ts: dt.datetime) -> None:
+        message = self.serializer.deserialize(data)
+        self._submit_message(message, eta=ts)
+
+    def _submit_message(self, message: Message, eta: dt.datetime | None) -> None:
+        unsupported = [
+            name
+            for name in ("on_complete", "on_error", "chord_config", "expires", "timeout")
+            if getattr(message, name, None)
+        ]
+        if unsupported:
+            raise ValueError(
+                f"goclaw tasks do not support Huey's {', '.join(unsupported)}: "
+                "submit follow-up work as separate tasks"
+            )
+        args = dict(message.kwargs or {})
+        if message.args:
+            args["_args"] = list(message.args)
+        delay = 0.0
+        if eta is not None:
+            if eta.tzinfo is None:
+                eta = eta.replace(tzinfo=dt.UTC)
+            delay = eta.timestamp() - self.broker.clock()
+        self.broker.submit(
+            self.kinds.kind_of(message.name),
+            args,
+            queue=self.queue,
+            priority=int(message.priority or 0),
+            max_attempts=(message.retries + 1) if message.retries else None,
+            delay=delay,
+            ref=message.id,
+        )
+
+    def queue_size(self) -> int:
+        return self.broker.queue_depth(self.queue)
+
+    def enqueued_items(self, limit: int | None = None) -> list[bytes]:
+        return []
+
+    def flush_queue(self) -> None:
+        raise NotImplementedError(
+            "goclaw never deletes tasks; cancel them with `goclaw task cancel`"
+        )
+
+    def read_schedule(self, ts: dt.datetime) -> list[bytes]:
+        return []  # delayed tasks wait in the tasks table (run_after), not in a schedule
+
+    def schedule_size(self) -> int:
+        return 0
+
+    def scheduled_items(self, limit: int | None = None) -> list[bytes]:
+        return []
+
+    def flush_schedule(self) -> None:
+        pass
+
+    # -- Huey's key-value data (revocations, locks, counters) ----------------
+
+    def put_data(self, key: str, value: bytes, is_result: bool = False) -> None:
+        self.kv.put(str(key), bytes(value))
+
+    def peek_data(self, key: str) -> Any:
+        from huey.constants import EmptyData
+
+        value = self.kv.get(str(key))
+        return EmptyData if value is None else value
+
+    def pop_data(self, key: str) -> Any:
+        from huey.constants import EmptyData
+
+        value = self.kv.pop(str(key))
+        return EmptyData if value is None else value
+
+    def has_data_for_key(self, key: str) -> bool:
+        return self.kv.get(str(key)) is not None
+
+    def put_if_empty(self, key: str, value: bytes, ttl: float | None = None) -> bool:
+        return self.kv.put_if_empty(str(key), bytes(value))
+
+    def delete_data(self, key: str) -> bool:
+        return self.kv.delete(str(key))
+
+    def incr(self, key: str, amount: int = 1) -> int:
+        return self.kv.incr(str(key), amount)
+
+    def delete_counter(self, key: str) -> None:
+        self.kv.delete(str(key))
+
+    def result_store_size(self) -> int:
+        return self.kv.size()
+
+    def result_items(self) -> dict[str, bytes]:
+        return self.kv.items()
+
+    def flush_results(self) -> None:
+        self.kv.flush()
+
+    def close(self) -> None:
+        self.broker.db.close()
+
+
+def new_worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"

@@ -1,0 +1,87 @@
+"""``goclaw worker``: Huey's consumer over the durable broker.
+
+A worker process claims leased tasks for one queue and runs them with
+Huey's thread or process workers. Everything durable happens in the broker;
+this module only wires the pieces together and shuts them down in order:
+stop claiming, finish or release running tasks, commit their outcomes.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from huey.consumer import Consumer
+
+from goclaw.app import App
+from goclaw.broker import Broker
+from goclaw.config import Config
+from goclaw.doorbell import Doorbell
+from goclaw.huey_storage import new_worker_id
+from goclaw.kinds import register_builtin_kinds
+from goclaw.store.database import Database
+from goclaw.store.migrations import migrate
+
+log = logging.getLogger(__name__)
+
+
+def open_broker(config: Config) -> Broker:
+    """Open (and migrate) the configured database and return a broker over it."""
+    db = Database(config.database_url, busy_timeout_seconds=config.database.busy_timeout_seconds)
+    migrate(db)
+    return Broker(db, config.broker, doorbell=Doorbell.for_database(db))
+
+
+def build_app(
+    broker: Broker,
+    *,
+    queue: str,
+    concurrency: int,
+    prefetch: int = 1,
+    worker_id: str | None = None,
+) -> App:
+    app = App(
+        broker,
+        queue=queue,
+        concurrency=concurrency,
+        prefetch=prefetch,
+        worker_id=worker_id or new_worker_id(),
+    )
+    register_builtin_kinds(app)
+    return app
+
+
+def run_worker(
+    config: Config,
+    *,
+    concurrency: int | None = None,
+    queue: str | None = None,
+    worker_type: str | None = None,
+) -> None:
+    """Run until SIGINT (graceful: running tasks finish) or SIGTERM (they are released)."""
+    settings = config.worker
+    concurrency = concurrency or settings.concurrency
+    queue = queue or settings.queue
+    worker_type = worker_type or settings.worker_type
+    broker = open_broker(config)
+    app = build_app(broker, queue=queue, concurrency=concurrency, prefetch=settings.prefetch)
+    consumer = Consumer(
+        app.huey,
+        workers=concurrency,
+        worker_type=worker_type,
+        periodic=False,
+        check_worker_health=True,
+        health_check_interval=1,
+    )
+    log.info(
+        "goclaw worker: queue=%s concurrency=%d type=%s database=%s",
+        queue,
+        concurrency,
+        worker_type,
+        broker.db.describe(),
+    )
+    try:
+        consumer.run()
+    finally:
+        app.storage.flush()
+        app.storage.stop_process_services()
+        broker.db.close()
