@@ -100,6 +100,10 @@ class Broker:
         self.rand = rand
         self._for_update = "" if db.is_sqlite else " FOR UPDATE"
 
+    def close(self) -> None:
+        self.doorbell.close()
+        self.db.close()
+
     # -- transactions --------------------------------------------------------
 
     @contextlib.contextmanager
@@ -208,7 +212,11 @@ class Broker:
                     "priority, ref",
                     (owner, expires, now, *previous),
                 )
-                rows = [(r[0], previous[r[0]], *r[1:]) for r in rows]
+                # RETURNING order is unspecified: restore the claim order.
+                order = {task_id: i for i, (task_id, _) in enumerate(picked)}
+                rows = sorted(
+                    ((r[0], previous[r[0]], *r[1:]) for r in rows), key=lambda r: order[r[0]]
+                )
             else:
                 rows = self.db.fetchall(
                     "UPDATE tasks AS t SET state = 'CLAIMED', lease_owner = ?, "
@@ -218,10 +226,11 @@ class Broker:
                     f"  WHERE queue = ? AND state IN {CLAIMABLE_SQL} AND run_after <= ? "
                     "  ORDER BY priority DESC, run_after, id LIMIT ? FOR UPDATE SKIP LOCKED) AS c "
                     "WHERE t.id = c.id RETURNING t.id, c.state, t.lease_token, t.kind, "
-                    "t.payload, t.attempts, t.max_attempts, t.priority, t.ref",
+                    "t.payload, t.attempts, t.max_attempts, t.priority, t.ref, t.run_after",
                     (owner, expires, now, queue, now, limit),
                 )
-                rows.sort(key=lambda r: (-r[7], r[0]))
+                # RETURNING order is unspecified: restore the claim order.
+                rows.sort(key=lambda r: (-r[7], r[9], r[0]))
             self._insert_events(
                 [(r[0], "task.claimed", r[1], S.CLAIMED, now, r[2], owner, None) for r in rows]
             )

@@ -81,7 +81,7 @@ def command(func: Callable[..., Any]) -> Callable[..., Any]:
             if as_json:
                 click.echo(json.dumps({"error": message}))
             else:
-                err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+                err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
             sys.exit(1)
 
     return wrapper
@@ -297,30 +297,37 @@ def follow(broker: Broker, ids: list[int], *, timeout: float | None, quiet: bool
     deadline = None if timeout is None else time.monotonic() + timeout
     cursor = 0
     watching = set(ids)
-    tasks = {}
     while True:
-        events = broker.events(after=cursor, limit=5000)
-        for event in events:
-            cursor = event.event_id
-            if event.task_id in watching and not quiet:
-                style = STATE_STYLES.get(event.to_state or "", "")
-                detail = ""
-                if event.detail:
-                    data = json.loads(event.detail)
-                    detail = "  " + ", ".join(f"{k}={v}" for k, v in data.items())
-                console.print(
-                    f"[dim]{iso(event.at)}[/] task {event.task_id}: {event.type} "
-                    f"{event.from_state or '-'} -> [{style}]{event.to_state}[/]{detail}",
-                    highlight=False,
-                )
-        if len(events) < 5000:
-            tasks = {i: broker.get(i) for i in ids}
-            if all(t.state in TERMINAL for t in tasks.values()):
-                return tasks
-            if deadline is not None and time.monotonic() > deadline:
-                pending = [i for i, t in tasks.items() if t.state not in TERMINAL]
-                raise GoclawError(f"timed out waiting for task(s) {pending}")
-            time.sleep(0.05)
+        # Snapshot states first: every event up to a terminal state is
+        # committed with it, so the drain below prints the last one too.
+        tasks = {i: broker.get(i) for i in ids}
+        while True:
+            events = broker.events(after=cursor, limit=5000)
+            for event in events:
+                cursor = event.event_id
+                if event.task_id in watching and not quiet:
+                    print_event(event)
+            if len(events) < 5000:
+                break
+        if all(t.state in TERMINAL for t in tasks.values()):
+            return tasks
+        if deadline is not None and time.monotonic() > deadline:
+            pending = [i for i, t in tasks.items() if t.state not in TERMINAL]
+            raise GoclawError(f"timed out waiting for task(s) {pending}")
+        time.sleep(0.05)
+
+
+def print_event(event: Any) -> None:
+    style = STATE_STYLES.get(event.to_state or "", "")
+    detail = ""
+    if event.detail:
+        data = json.loads(event.detail)
+        detail = "  " + ", ".join(f"{k}={v}" for k, v in data.items())
+    console.print(
+        f"[dim]{iso(event.at)}[/] task {event.task_id}: {event.type} "
+        f"{event.from_state or '-'} -> [{style}]{event.to_state}[/]{detail}",
+        highlight=False,
+    )
 
 
 # -- inspecting ----------------------------------------------------------------
@@ -472,6 +479,16 @@ def status(obj: Context, as_json: bool) -> None:
             highlight=False,
         )
     console.print(f"expired leases: {expired}")
+
+
+@main.command()
+@click.pass_obj
+@command
+def demo(obj: Context) -> None:
+    """Start a worker, run tasks through success, retry, dead letter and cancel; show them."""
+    from goclaw.demo import run_demo
+
+    sys.exit(run_demo(obj.config, console))
 
 
 # -- bench ---------------------------------------------------------------------

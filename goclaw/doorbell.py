@@ -48,6 +48,9 @@ class Doorbell:
     def listen(self, db: Database, queue: str, capacity: int) -> Listener:  # pragma: no cover
         raise NotImplementedError
 
+    def close(self) -> None:
+        """Release the ringing side's resources (a socket, on SQLite)."""
+
 
 class Listener:
     """The waiting side, one per worker process.
@@ -135,6 +138,12 @@ class SocketDoorbell(Doorbell):
 
     def listen(self, db: Database, queue: str, capacity: int) -> Listener:
         return SocketListener(self.directory, queue, capacity)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._sender is not None:
+                self._sender.close()
+                self._sender = None
 
     def _get_sender(self) -> socket.socket:
         with self._lock:

@@ -102,7 +102,8 @@ class GoclawStorage(BaseStorage):
             pid = os.getpid()
             if self._pid == pid:
                 return
-            if self._pid is not None:  # forked child: drop the parent's handles
+            if pid != self._creator_pid:
+                # A forked process worker: its own connection, ledger and id.
                 self.broker.db.close()
                 self.holdings = Holdings()
                 self._pending = []
@@ -120,10 +121,14 @@ class GoclawStorage(BaseStorage):
             self.listener = broker.doorbell.listen(broker.db, self.queue, self.concurrency)
             keeper = LeaseKeeper(broker, self.holdings, self.worker_id)
             reaper = Reaper(broker, self.worker_id)
+            # Connections are per thread: each service closes its own on exit.
+            close = broker.db.close
             self._services = [
-                ServiceThread("goclaw-lease-keeper", keeper.loop, keeper.interval).start(),
-                ServiceThread("goclaw-reaper", reaper.loop, reaper.interval).start(),
+                ServiceThread("goclaw-lease-keeper", keeper.loop, keeper.interval, on_exit=close),
+                ServiceThread("goclaw-reaper", reaper.loop, reaper.interval, on_exit=close),
             ]
+            for service in self._services:
+                service.start()
             log.info("worker %s serving queue %r", self.worker_id, self.queue)
 
     def stop_process_services(self) -> None:
@@ -310,6 +315,7 @@ class GoclawStorage(BaseStorage):
         if os.getpid() != self._creator_pid:
             # A forked process worker: its keeper and listener die with it.
             self.stop_process_services()
+        self.broker.db.close()  # this thread's connection
 
     def _take_pending(self) -> list[tuple[Claim, Outcome]]:
         with self._pending_lock:

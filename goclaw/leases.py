@@ -116,11 +116,13 @@ class ServiceThread:
         loop: Callable[[float], object],
         interval: float,
         clock: Callable[[], float] = time.time,
+        on_exit: Callable[[], object] | None = None,
     ) -> None:
         self.name = name
         self._loop = loop
         self.interval = interval
         self._clock = clock
+        self._on_exit = on_exit
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
@@ -134,9 +136,13 @@ class ServiceThread:
             self._thread.join(timeout)
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self._loop(self._clock())
-            except Exception:
-                log.exception("%s failed; retrying in %.2fs", self.name, self.interval)
-            self._stop.wait(self.interval)
+        try:
+            while not self._stop.is_set():
+                try:
+                    self._loop(self._clock())
+                except Exception:
+                    log.exception("%s failed; retrying in %.2fs", self.name, self.interval)
+                self._stop.wait(self.interval)
+        finally:
+            if self._on_exit is not None:
+                self._on_exit()

@@ -84,4 +84,4 @@ def run_worker(
     finally:
         app.storage.flush()
         app.storage.stop_process_services()
-        broker.db.close()
+        broker.close()
