@@ -1,0 +1,170 @@
+"""Real ``goclaw`` processes against a real database, with leases short enough to test.
+
+``Stack`` owns a GOCLAW_HOME, the environment every child process gets, a
+broker the test reads through, and the worker processes it started (killed
+at teardown, whatever the test did).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from goclaw.broker import Broker
+from goclaw.config import load_config
+from goclaw.worker import open_broker
+
+FAST_ENV = {
+    "GOCLAW_BROKER__LEASE_SECONDS": "1.5",
+    "GOCLAW_BROKER__HEARTBEAT_SECONDS": "0.3",
+    "GOCLAW_BROKER__RETRY_BASE_SECONDS": "0.05",
+    "GOCLAW_BROKER__RETRY_MAX_SECONDS": "0.2",
+    "GOCLAW_BROKER__CANCEL_CHECK_SECONDS": "0.1",
+    "GOCLAW_BROKER__IDLE_POLL_SECONDS": "1.0",
+}
+
+
+class WorkerProcess:
+    def __init__(self, proc: subprocess.Popen, log_path: Path) -> None:
+        self.proc = proc
+        self.log_path = log_path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL: no cleanup, no final report, leases left to expire."""
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self, sig: int = signal.SIGINT, timeout: float = 20) -> int:
+        if self.alive():
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout)
+
+
+class Stack:
+    def __init__(self, tmp_path: Path, database_url: str, env: dict[str, str]) -> None:
+        self.home = tmp_path / "home"
+        self.home.mkdir(parents=True)
+        self.env = {
+            **os.environ,
+            **FAST_ENV,
+            **env,
+            "GOCLAW_HOME": str(self.home),
+            "GOCLAW_DATABASE_URL": database_url,
+        }
+        self.config = load_config(self.home, env=self.env)
+        self.broker: Broker = open_broker(self.config)
+        self.workers: list[WorkerProcess] = []
+
+    def worker(self, *args: str, concurrency: int = 4) -> WorkerProcess:
+        log_path = self.home / f"worker-{len(self.workers)}.log"
+        with log_path.open("wb") as log_file:  # the child keeps its own descriptor
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "goclaw.cli", "worker", "-c", str(concurrency), *args],
+                env=self.env,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+            )
+        worker = WorkerProcess(proc, log_path)
+        self.workers.append(worker)
+        wait_for(
+            # Process workers register each forked child, under the parent's id.
+            lambda: any(
+                w.pid == proc.pid or f":{proc.pid}:" in w.id for w in self.broker.live_workers()
+            ),
+            timeout=20,
+            what=lambda: f"worker {proc.pid} to register\n{worker.log()}",
+        )
+        return worker
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        result = subprocess.run(
+            [sys.executable, "-m", "goclaw.cli", *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(
+                f"goclaw {' '.join(args)} exited {result.returncode}\n{result.stderr}"
+            )
+        return result
+
+    def cli_json(self, *args: str) -> Any:
+        return json.loads(self.cli(*args, "--json").stdout)
+
+    def wait_terminal(self, ids: list[int], timeout: float = 60) -> dict[int, Any]:
+        def done() -> bool:
+            counts = self.broker.db.fetchone(
+                "SELECT COUNT(*) FROM tasks WHERE state IN "
+                "('SUCCEEDED', 'FAILED', 'CANCELED', 'DEAD_LETTER')"
+                f" AND id IN ({','.join('?' * len(ids))})",
+                ids,
+            )
+            return counts[0] == len(ids)
+
+        wait_for(done, timeout=timeout, what=lambda: f"tasks to end: {self.broker.counts()}")
+        return {i: self.broker.get(i) for i in ids}
+
+    def close(self) -> None:
+        for worker in self.workers:
+            if worker.alive():
+                worker.proc.kill()
+                worker.proc.wait(10)
+        self.broker.close()
+
+
+def wait_for(
+    predicate: Callable[[], Any],
+    *,
+    timeout: float,
+    what: Callable[[], str] | str = "condition",
+    interval: float = 0.02,
+) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            message = what() if callable(what) else what
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)
+
+
+@pytest.fixture
+def make_stack(tmp_path, database_url) -> Iterator[Callable[..., Stack]]:
+    stacks: list[Stack] = []
+
+    def make(**env: str) -> Stack:
+        stack = Stack(tmp_path / f"s{len(stacks)}", database_url, env)
+        stacks.append(stack)
+        return stack
+
+    yield make
+    for stack in stacks:
+        stack.close()
+
+
+@pytest.fixture
+def stack(make_stack) -> Stack:
+    return make_stack()
