@@ -141,6 +141,13 @@ class Broker:
         if attempts < 1:
             raise ValueError(f"max_attempts must be at least 1, got {attempts}")
         payload = encode_payload(args)
+        limit = self.settings.max_payload_bytes
+        if len(payload.encode()) > limit:
+            raise ValueError(
+                f"task arguments are {len(payload.encode()):,} bytes of JSON, over "
+                f"broker.max_payload_bytes ({limit:,}): pass a reference (a path, a URL), "
+                "not the data"
+            )
         now = self.clock() if now is None else now
         run_after = now + max(delay, 0.0)
         keys: list[str | None]

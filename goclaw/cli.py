@@ -187,22 +187,48 @@ def _example_config() -> str:
 @click.option("--queue", "-q", help="Queue to serve [default: worker.queue].")
 @click.option("--worker-type", type=click.Choice(["thread", "process"]), help="Huey worker type.")
 @click.option("--verbose", "-v", is_flag=True, help="Log every task.")
+@click.option("--json", "as_json", is_flag=True, help="Log one JSON object per line.")
 @click.pass_obj
 @command
 def worker(
-    obj: Context, concurrency: int | None, queue: str | None, worker_type: str | None, verbose: bool
+    obj: Context,
+    concurrency: int | None,
+    queue: str | None,
+    worker_type: str | None,
+    verbose: bool,
+    as_json: bool,
 ) -> None:
     """Claim and run tasks until stopped (SIGINT: finish running tasks; SIGTERM: release them)."""
     from goclaw.worker import run_worker
 
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    handler = logging.StreamHandler()
+    handler.setFormatter(
+        JsonLogFormatter()
+        if as_json
+        else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     )
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, handlers=[handler])
     logging.getLogger("goclaw").setLevel(logging.INFO)
     if not verbose:
         logging.getLogger("huey").setLevel(logging.WARNING)
     run_worker(obj.config, concurrency=concurrency, queue=queue, worker_type=worker_type)
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per log line, for log shippers."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "at": iso(record.created),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+            "process": record.process,
+            "thread": record.threadName,
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
 
 
 # -- submit --------------------------------------------------------------------
@@ -285,14 +311,14 @@ def submit(
                 note = "" if s.created else "  (existing: same idempotency key)"
                 click.echo(f"{s.task_id}{note}")
         return
-    final = follow(broker, ids, timeout=timeout, quiet=as_json)
+    final = follow(broker, ids, timeout=timeout, out=None if as_json else console)
     if as_json:
         emit_json({"task_ids": ids, "tasks": [final[i].as_json() for i in ids]})
     if any(final[i].state is not TaskState.SUCCEEDED for i in ids):
         sys.exit(1)
 
 
-def follow(broker: Broker, ids: list[int], *, timeout: float | None, quiet: bool) -> dict:
+def follow(broker: Broker, ids: list[int], *, timeout: float | None, out: Console | None) -> dict:
     """Print each task's state changes as they happen until every task has ended."""
     deadline = None if timeout is None else time.monotonic() + timeout
     cursor = 0
@@ -305,8 +331,8 @@ def follow(broker: Broker, ids: list[int], *, timeout: float | None, quiet: bool
             events = broker.events(after=cursor, limit=5000)
             for event in events:
                 cursor = event.event_id
-                if event.task_id in watching and not quiet:
-                    print_event(event)
+                if event.task_id in watching and out is not None:
+                    print_event(event, out)
             if len(events) < 5000:
                 break
         if all(t.state in TERMINAL for t in tasks.values()):
@@ -317,13 +343,13 @@ def follow(broker: Broker, ids: list[int], *, timeout: float | None, quiet: bool
         time.sleep(0.05)
 
 
-def print_event(event: Any) -> None:
+def print_event(event: Any, out: Console) -> None:
     style = STATE_STYLES.get(event.to_state or "", "")
     detail = ""
     if event.detail:
         data = json.loads(event.detail)
         detail = "  " + ", ".join(f"{k}={v}" for k, v in data.items())
-    console.print(
+    out.print(
         f"[dim]{iso(event.at)}[/] task {event.task_id}: {event.type} "
         f"{event.from_state or '-'} -> [{style}]{event.to_state}[/]{detail}",
         highlight=False,
@@ -482,13 +508,17 @@ def status(obj: Context, as_json: bool) -> None:
 
 
 @main.command()
+@json_option
 @click.pass_obj
 @command
-def demo(obj: Context) -> None:
+def demo(obj: Context, as_json: bool) -> None:
     """Start a worker, run tasks through success, retry, dead letter and cancel; show them."""
     from goclaw.demo import run_demo
 
-    sys.exit(run_demo(obj.config, console))
+    code, summary = run_demo(obj.config, Console(quiet=True) if as_json else console)
+    if as_json:
+        emit_json(summary)
+    sys.exit(code)
 
 
 # -- bench ---------------------------------------------------------------------

@@ -60,6 +60,8 @@ class BrokerSettings:
     idle_poll_seconds: float = 1.0
     #: How often a running task's cancellation is checked (cancel is seen within this).
     cancel_check_seconds: float = 0.25
+    #: Largest JSON payload a task may carry; bigger ones are refused at submit.
+    max_payload_bytes: int = 1_048_576
 
     def validate(self) -> None:
         for name in (
@@ -75,6 +77,10 @@ class BrokerSettings:
             raise ConfigError(
                 f"broker.heartbeat_seconds: {self.heartbeat_seconds} must be at most half of "
                 f"broker.lease_seconds ({self.lease_seconds}), or leases expire between heartbeats"
+            )
+        if self.max_payload_bytes < 1024:
+            raise ConfigError(
+                f"broker.max_payload_bytes: must be at least 1024, got {self.max_payload_bytes}"
             )
         if self.max_attempts < 1:
             raise ConfigError(f"broker.max_attempts: must be at least 1, got {self.max_attempts}")

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
@@ -20,7 +21,8 @@ from goclaw.config import Config
 from goclaw.states import TERMINAL, TaskState
 
 
-def run_demo(config: Config, console: Console) -> int:
+def run_demo(config: Config, console: Console) -> tuple[int, dict[str, Any]]:
+    """Returns an exit status and a summary: each demo task's final record."""
     from goclaw.cli import follow, print_event
     from goclaw.worker import open_broker
 
@@ -40,12 +42,12 @@ def run_demo(config: Config, console: Console) -> int:
 
         console.rule("an echo task")
         ok = broker.submit("echo", {"text": "hello from goclaw"})[0].task_id
-        final = follow(broker, [ok], timeout=30, quiet=False)
+        final = follow(broker, [ok], timeout=30, out=console)
         console.print(f"result: {final[ok].result}\n", highlight=False)
 
         console.rule("a task that always fails: retries with backoff, then the dead-letter queue")
         bad = broker.submit("fail", {"message": "demo failure"}, max_attempts=3)[0].task_id
-        final = follow(broker, [bad], timeout=60, quiet=False)
+        final = follow(broker, [bad], timeout=60, out=console)
         console.print(f"reason: {final[bad].reason}\n", highlight=False)
 
         console.rule("a long task canceled while it runs")
@@ -56,13 +58,15 @@ def run_demo(config: Config, console: Console) -> int:
         broker.cancel(long, reason="demo")
         time.sleep(0.5)  # the worker notices within a second and its report is fenced off
         for event in broker.events(long):
-            print_event(event)
+            print_event(event, console)
 
         console.rule("status")
         counts = {s: n for s, n in broker.counts().items() if n}
         console.print(counts)
-        all_done = all(broker.get(i).state in TERMINAL for i in (ok, bad, long))
-        return 0 if all_done and broker.get(ok).state is TaskState.SUCCEEDED else 1
+        final = {name: broker.get(i) for name, i in (("echo", ok), ("fail", bad), ("sleep", long))}
+        summary = {name: task.as_json() for name, task in final.items()}
+        all_done = all(task.state in TERMINAL for task in final.values())
+        return (0 if all_done and final["echo"].state is TaskState.SUCCEEDED else 1), summary
     finally:
         worker.send_signal(signal.SIGINT)
         try:
