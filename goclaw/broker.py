@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import json
 import random
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -99,6 +100,7 @@ class Broker:
         self.clock = clock
         self.rand = rand
         self._for_update = "" if db.is_sqlite else " FOR UPDATE"
+        self._local = _TransactionState()
 
     def close(self) -> None:
         self.doorbell.close()
@@ -108,8 +110,21 @@ class Broker:
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
-        with self.db.transaction():
+        """One commit for everything inside; nested calls join it.
+
+        Events are buffered and written with one statement just before the
+        commit, so a worker's report + start + claim costs one insert, not three.
+        """
+        if self._local.events is not None:
             yield
+            return
+        self._local.events = []
+        try:
+            with self.transaction():
+                yield
+                self._write_events(self._local.events)
+        finally:
+            self._local.events = None
 
     # -- submitting ----------------------------------------------------------
 
@@ -159,7 +174,7 @@ class Broker:
             keys = [f"{idempotency_key}/{i}" for i in range(count)]
         submitted: list[Submitted] = []
         events = []
-        with self.db.transaction():
+        with self.transaction():
             for key in keys:
                 row = self.db.fetchone(
                     "INSERT INTO tasks (kind, queue, payload, state, priority, max_attempts, "
@@ -196,12 +211,14 @@ class Broker:
         """Lease up to ``limit`` due tasks, highest priority first, FIFO within it."""
         now = self.clock() if now is None else now
         expires = now + self.settings.lease_seconds
-        with self.db.transaction():
+        with self.transaction():
             if self.db.is_sqlite:
                 # The transaction already holds SQLite's write lock: select,
                 # then update exactly the rows seen.
+                # INDEXED BY: left alone, the planner range-scans run_after and
+                # sorts every waiting task (0.9 ms a claim at 2,000 waiting).
                 picked = self.db.fetchall(
-                    "SELECT id, state FROM tasks "
+                    "SELECT id, state FROM tasks INDEXED BY tasks_claim_order "
                     f"WHERE queue = ? AND state IN {CLAIMABLE_SQL} AND run_after <= ? "
                     "ORDER BY priority DESC, run_after, id LIMIT ?",
                     (queue, now, limit),
@@ -259,7 +276,7 @@ class Broker:
     def start(self, claim: Claim, *, now: float | None = None) -> bool:
         """CLAIMED -> RUNNING; False when the lease was lost before the start."""
         now = self.clock() if now is None else now
-        with self.db.transaction():
+        with self.transaction():
             moved = self._move(
                 claim.task_id,
                 S.CLAIMED,
@@ -281,7 +298,19 @@ class Broker:
         this is the zombie fencing.
         """
         now = self.clock() if now is None else now
-        with self.db.transaction():
+        with self.transaction():
+            if outcome.status == "succeeded" and self._move(
+                claim.task_id,
+                S.RUNNING,
+                S.SUCCEEDED,
+                "task.succeeded",
+                token=claim.token,
+                worker=claim.owner,
+                sets=self._succeeded_sets(outcome, now),
+                now=now,
+            ):
+                # The common case needs no read: the guard is the lease check.
+                return Reported(True, S.SUCCEEDED)
             row = self.db.fetchone(
                 "SELECT state, lease_token, attempts, max_attempts, error_streak, last_error "
                 f"FROM tasks WHERE id = ?{self._for_update}",
@@ -324,7 +353,7 @@ class Broker:
     ) -> tuple[TaskState, dict[str, Any], str]:
         done = {"lease_owner": None, "lease_expires_at": None, "finished_at": now}
         if outcome.status == "succeeded":
-            return S.SUCCEEDED, {**done, "result": encode_result(outcome.result)}, "task.succeeded"
+            return S.SUCCEEDED, self._succeeded_sets(outcome, now), "task.succeeded"
         error = (outcome.error or "")[:MAX_ERROR_CHARS]
         if outcome.status == "permanent":
             sets = {**done, "last_error": error, "reason": outcome.code or Reason.BAD_INPUT}
@@ -366,12 +395,21 @@ class Broker:
         sets = {**sets, "lease_owner": None, "lease_expires_at": None, "run_after": now + wait}
         return S.RETRY_WAIT, sets, "task.retry_scheduled"
 
+    @staticmethod
+    def _succeeded_sets(outcome: Outcome, now: float) -> dict[str, Any]:
+        return {
+            "lease_owner": None,
+            "lease_expires_at": None,
+            "finished_at": now,
+            "result": encode_result(outcome.result),
+        }
+
     def renew(self, owner: str, claims: Sequence[Claim], *, now: float | None = None) -> list[int]:
         """Extend the leases of ``claims``; return the ids whose lease is gone."""
         now = self.clock() if now is None else now
         expires = now + self.settings.lease_seconds
         lost = []
-        with self.db.transaction():
+        with self.transaction():
             for claim in claims:
                 cursor = self.db.execute(
                     "UPDATE tasks SET lease_expires_at = ? "
@@ -405,7 +443,7 @@ class Broker:
     def cancel(self, task_id: int, *, reason: str = "", now: float | None = None) -> Task:
         """Cancel from any non-terminal state; a running worker sees it at its next check."""
         now = self.clock() if now is None else now
-        with self.db.transaction():
+        with self.transaction():
             task = self._locked_task(task_id)
             if task.state in TERMINAL:
                 raise IllegalTransition(task_id, task.state, S.CANCELED, "the task already ended")
@@ -428,7 +466,7 @@ class Broker:
     def retry(self, task_id: int, *, now: float | None = None) -> Task:
         """Re-queue a FAILED or DEAD_LETTER task with a fresh set of attempts."""
         now = self.clock() if now is None else now
-        with self.db.transaction():
+        with self.transaction():
             task = self._locked_task(task_id)
             if task.state not in (S.FAILED, S.DEAD_LETTER):
                 raise IllegalTransition(
@@ -457,7 +495,7 @@ class Broker:
     def try_lead(self, role: str, owner: str, *, ttl: float, now: float | None = None) -> bool:
         """Take or keep the named role until ``now + ttl``; True if ``owner`` holds it."""
         now = self.clock() if now is None else now
-        with self.db.transaction():
+        with self.transaction():
             self.db.execute(
                 "INSERT INTO leaders (role, owner, expires_at) VALUES (?, ?, ?) "
                 "ON CONFLICT (role) DO UPDATE SET owner = excluded.owner, "
@@ -478,7 +516,7 @@ class Broker:
         now = self.clock() if now is None else now
         skip = "" if self.db.is_sqlite else " FOR UPDATE SKIP LOCKED"
         reaped = []
-        with self.db.transaction():
+        with self.transaction():
             rows = self.db.fetchall(
                 "SELECT id, state, lease_token, lease_owner, attempts, max_attempts FROM tasks "
                 f"WHERE state IN {LEASED_SQL} AND lease_expires_at < ? "
@@ -513,7 +551,7 @@ class Broker:
         self, worker_id: str, *, hostname: str, pid: int, queue: str, concurrency: int
     ) -> None:
         now = self.clock()
-        with self.db.transaction():
+        with self.transaction():
             self.db.execute(
                 "INSERT INTO workers (id, hostname, pid, queue, concurrency, started_at, "
                 "heartbeat_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -522,11 +560,11 @@ class Broker:
 
     def worker_heartbeat(self, worker_id: str, *, now: float | None = None) -> None:
         now = self.clock() if now is None else now
-        with self.db.transaction():
+        with self.transaction():
             self.db.execute("UPDATE workers SET heartbeat_at = ? WHERE id = ?", (now, worker_id))
 
     def worker_stopped(self, worker_id: str) -> None:
-        with self.db.transaction():
+        with self.transaction():
             self.db.execute(
                 "UPDATE workers SET stopped_at = ? WHERE id = ?", (self.clock(), worker_id)
             )
@@ -678,11 +716,22 @@ class Broker:
         return why
 
     def _insert_events(self, rows: Sequence[tuple]) -> None:
+        """Queue event rows for the current transaction (see ``transaction``)."""
+        if self._local.events is None:  # pragma: no cover - every writer holds a transaction
+            raise RuntimeError("events are written inside Broker.transaction() only")
+        self._local.events.extend(rows)
+
+    def _write_events(self, rows: Sequence[tuple]) -> None:
         self.db.executemany(
             "INSERT INTO task_events (task_id, type, from_state, to_state, at, lease_token, "
             "worker, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             [(r[0], r[1], None if r[2] is None else str(r[2]), str(r[3]), *r[4:]) for r in rows],
         )
+
+
+class _TransactionState(threading.local):
+    #: Event rows waiting for the current transaction's commit; None outside one.
+    events: list[tuple] | None = None
 
 
 def encode_payload(args: Mapping[str, Any] | None) -> str:

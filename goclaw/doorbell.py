@@ -178,6 +178,8 @@ class SocketListener(Listener):
         super().close()
         with contextlib.suppress(OSError):
             os.unlink(self.path)
+        with contextlib.suppress(OSError):
+            self.path.parent.rmdir()  # only succeeds for the last listener out
         self._sock.close()
 
 

@@ -405,6 +405,10 @@ class GoclawStorage(BaseStorage):
         value = self.kv.pop(str(key))
         return EmptyData if value is None else value
 
+    def peek_many(self, keys: list[str]) -> dict[str, bytes]:
+        """Huey checks two revocation keys before every task: one query, not two."""
+        return self.kv.get_many([str(k) for k in keys])
+
     def has_data_for_key(self, key: str) -> bool:
         return self.kv.get(str(key)) is not None
 

@@ -9,6 +9,7 @@ stop claiming, finish or release running tasks, commit their outcomes.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from huey.consumer import Consumer
 
@@ -22,6 +23,32 @@ from goclaw.store.database import Database
 from goclaw.store.migrations import migrate
 
 log = logging.getLogger(__name__)
+
+
+class GoclawConsumer(Consumer):
+    """Huey's consumer, whose forked children never outlive it.
+
+    A process worker orphaned by a SIGKILL of its parent would keep
+    heartbeating leases that nobody supervises; with PR_SET_PDEATHSIG it
+    dies too, its leases expire, and the reaper requeues its tasks.
+    """
+
+    def _create_process(self, process: Any, name: str) -> Any:
+        proc = super()._create_process(process, name)
+        if self.environment.forks:
+            run = proc._target
+            proc._target = lambda: (_die_with_parent(), run())
+        return proc
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when its parent dies (PR_SET_PDEATHSIG)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
+    except (OSError, AttributeError):
+        log.warning("PR_SET_PDEATHSIG unavailable: forked workers may outlive their parent")
 
 
 def open_broker(config: Config) -> Broker:
@@ -64,7 +91,7 @@ def run_worker(
     worker_type = worker_type or settings.worker_type
     broker = open_broker(config)
     app = build_app(broker, queue=queue, concurrency=concurrency, prefetch=settings.prefetch)
-    consumer = Consumer(
+    consumer = GoclawConsumer(
         app.huey,
         workers=concurrency,
         worker_type=worker_type,

@@ -9,6 +9,7 @@ translated here into ``goclaw.errors.DatabaseError``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 import sqlite3
 from collections.abc import Iterator, Sequence
@@ -74,9 +75,11 @@ class Database:
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
         if not self.is_sqlite:
-            sql = _PARAM.sub("%s", sql)
-        with self.translate_errors():
+            sql = _to_pyformat(sql)
+        try:  # inline, not translate_errors(): this is the hot path
             return self.peewee.execute_sql(sql, params)
+        except (peewee.PeeweeException, sqlite3.Error) as exc:
+            raise DatabaseError(f"{self.describe()}: {exc}") from exc
 
     def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
         return self.execute(sql, params).fetchall()
@@ -88,14 +91,23 @@ class Database:
         if not rows:
             return
         if not self.is_sqlite:
-            sql = _PARAM.sub("%s", sql)
+            sql = _to_pyformat(sql)
         with self.translate_errors():
             cursor = self.peewee.cursor()
             cursor.executemany(sql, rows)
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
-        """One atomic unit; on SQLite it holds the write lock from its first statement."""
+        """One atomic unit; on SQLite it holds the write lock from its first statement.
+
+        Nested calls join the outer transaction rather than opening a
+        savepoint: an error anywhere aborts the whole unit, which is what
+        every caller wants, and a savepoint per broker call costs two
+        statements on the hot path.
+        """
+        if self.peewee.in_transaction():
+            yield
+            return
         with self.translate_errors(), self.peewee.atomic():
             yield
 
@@ -122,6 +134,11 @@ class Database:
             if type(exc).__module__.startswith("psycopg"):
                 raise DatabaseError(f"{self.describe()}: {exc}".strip()) from exc
             raise
+
+
+@functools.lru_cache(maxsize=256)
+def _to_pyformat(sql: str) -> str:
+    return _PARAM.sub("%s", sql)
 
 
 def _sqlite_path(url: str) -> Path:

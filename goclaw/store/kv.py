@@ -37,6 +37,16 @@ class KeyValue:
         )
         return None if row is None else bytes(row[0])
 
+    def get_many(self, keys: list[str]) -> dict[str, bytes]:
+        if not keys:
+            return {}
+        marks = ", ".join("?" * len(keys))
+        rows = self.db.fetchall(
+            f"SELECT key, value FROM kv WHERE namespace = ? AND key IN ({marks})",
+            (self.namespace, *keys),
+        )
+        return {k: bytes(v) for k, v in rows}
+
     def pop(self, key: str) -> bytes | None:
         # Most keys Huey asks about (revocation flags) are absent: read before
         # taking the write lock, so the common case costs no write transaction.

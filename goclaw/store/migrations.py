@@ -63,11 +63,10 @@ MIGRATIONS: tuple[Migration, ...] = (
             # The claim reads this index in claim order and never sorts.
             """CREATE INDEX tasks_claim_order ON tasks (queue, priority DESC, run_after, id)
                WHERE state IN ('QUEUED', 'RETRY_WAIT')""",
-            """CREATE INDEX tasks_next_due ON tasks (queue, run_after)
-               WHERE state IN ('QUEUED', 'RETRY_WAIT')""",
             """CREATE INDEX tasks_lease_expiry ON tasks (lease_expires_at)
                WHERE state IN ('CLAIMED', 'RUNNING')""",
-            "CREATE INDEX tasks_state_created ON tasks (state, created_at)",
+            # goclaw tasks --state, newest first; counts per state.
+            "CREATE INDEX tasks_state ON tasks (state, id)",
             """CREATE TABLE task_events (
                 id {serial_pk},
                 task_id INTEGER NOT NULL REFERENCES tasks (id),

@@ -7,6 +7,7 @@ at teardown, whatever the test did).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -82,6 +83,7 @@ class Stack:
                 env=self.env,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         worker = WorkerProcess(proc, log_path)
         self.workers.append(worker)
@@ -128,7 +130,9 @@ class Stack:
     def close(self) -> None:
         for worker in self.workers:
             if worker.alive():
-                worker.proc.kill()
+                # The whole group: process workers fork children of their own.
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(worker.pid, signal.SIGKILL)
                 worker.proc.wait(10)
         self.broker.close()
 

@@ -138,4 +138,27 @@ def test_process_workers_lease_under_their_own_ids(stack):
         "SELECT DISTINCT worker FROM task_events WHERE type = 'task.started'"
     )
     assert all("/" in w for (w,) in owners), "each forked process leases under its own id"
-    worker.stop()
+
+    # SIGKILL of the parent takes every forked child (workers and Huey's
+    # scheduler) with it: no orphan keeps heartbeating leases.
+    children = {int(pid) for pid in _children_of(worker.pid)}
+    assert {int(w.split("/")[1]) for (w,) in owners} <= children
+    worker.kill()
+    wait_for(
+        lambda: not any(_alive(pid) for pid in children),
+        timeout=5,
+        what=f"forked workers {children} to die with their parent",
+    )
+
+
+def _children_of(pid: int) -> list[str]:
+    with open(f"/proc/{pid}/task/{pid}/children") as fh:
+        return fh.read().split()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
