@@ -1,0 +1,43 @@
+"""``goclaw bench queue`` end to end, small: real worker, real Huey consumer, raw loop."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from goclaw.bench import run_queue_bench
+
+RATES = ("goclaw_tasks_per_s", "huey_tasks_per_s", "raw_tasks_per_s")
+LATENCIES = ("submit_to_start_p50_ms", "submit_to_start_p99_ms", "submit_to_start_max_ms")
+
+
+@pytest.mark.slow
+def test_bench_runs_all_three_and_cleans_up() -> None:
+    messages: list[str] = []
+    result = run_queue_bench(
+        n_tasks=50, workers=2, latency_samples=5, rounds=1, progress=messages.append
+    )
+
+    for key in (*RATES, *LATENCIES, "ratio_vs_huey", "ratio_vs_raw", "fsync_probe_ms"):
+        assert isinstance(result[key], float), key
+        assert result[key] > 0, key
+    assert result["tasks"] == 50
+    assert result["workers"] == 2
+    assert result["goclaw_verified"] is True
+    assert result["latency_samples"] == 5
+    assert result["notes"]
+    bench_dir = Path(next(m for m in messages if m.startswith("bench dir ")).split(" ", 2)[2])
+    assert not bench_dir.exists(), "the temporary bench dir must be removed"
+
+
+@pytest.mark.slow
+def test_bench_keeps_its_files_in_a_given_dir(tmp_path: Path) -> None:
+    result = run_queue_bench(
+        n_tasks=20, workers=1, latency_samples=5, rounds=1, workdir=tmp_path / "bench"
+    )
+    assert result["goclaw_verified"] is True
+    (run_dir,) = (tmp_path / "bench").iterdir()
+    assert (run_dir / "goclaw-home" / "goclaw.db").exists()
+    assert (run_dir / "goclaw-worker-1.log").exists()
+    assert (run_dir / "huey" / "bench_huey_app.py").exists()
