@@ -120,7 +120,7 @@ class Broker:
             return
         self._local.events = []
         try:
-            with self.transaction():
+            with self.db.transaction():
                 yield
                 self._write_events(self._local.events)
         finally:
@@ -461,7 +461,7 @@ class Broker:
                 now=now,
                 detail={"reason": reason} if reason else None,
             )
-        return self.get(task_id)
+            return self.get(task_id)  # as this transaction left it
 
     def retry(self, task_id: int, *, now: float | None = None) -> Task:
         """Re-queue a FAILED or DEAD_LETTER task with a fresh set of attempts."""
@@ -488,7 +488,7 @@ class Broker:
                 detail={"previous_reason": task.reason, "previous_attempts": task.attempts},
             )
             self.doorbell.ring(self.db, task.queue)
-        return self.get(task_id)
+            return self.get(task_id)  # as this transaction left it, not as a worker has since
 
     # -- the reaper ----------------------------------------------------------
 
