@@ -81,6 +81,7 @@ class GoclawStorage(BaseStorage):
         self.kv = KeyValue(broker.db, name)
         self.holdings = Holdings()
         self._pending: list[tuple[Claim, Outcome]] = []
+        self._requests: list[_Request] = []
         self._pending_lock = threading.Lock()
         self._exchange_lock = threading.Lock()
         self._pid: int | None = None
@@ -107,6 +108,7 @@ class GoclawStorage(BaseStorage):
                 self.broker.db.close()
                 self.holdings = Holdings()
                 self._pending = []
+                self._requests = []
                 self._services = []
                 self.worker_id = f"{self.base_worker_id}/{pid}"
             self._pid = pid
@@ -160,61 +162,79 @@ class GoclawStorage(BaseStorage):
         return self._message(claim)
 
     def _exchange(self) -> Claim | None:
-        """Report, start and claim in one transaction; see the module docstring."""
-        broker = self.broker
+        """Report, start and claim in one transaction, shared by every waiting thread.
+
+        Group commit, leader/follower: each thread queues a request, and
+        whichever thread holds the exchange lock serves every queued request
+        (and every queued outcome) in its transaction, so threads that finish
+        together share one fsync. A follower whose request was served while
+        it waited just takes its result.
+        """
+        request = _Request()
+        with self._pending_lock:
+            self._requests.append(request)
         with self._exchange_lock:
-            reports = self._take_pending()
-            chosen: Claim | None = None
-            taken = 0
-            new_claims: list[Claim] = []
-            try:
-                with broker.transaction():
-                    for claim, outcome in reports:
+            if not request.done:
+                self._serve_requests()
+        if request.error is not None:
+            raise request.error
+        return request.claim
+
+    def _serve_requests(self) -> None:
+        broker = self.broker
+        pool = _ClaimPool(self, list(self.holdings.buffer))
+        reports: list[tuple[Claim, Outcome]] = []
+        served: list[_Request] = []
+        try:
+            with broker.transaction():
+                while True:
+                    new_reports, requests = self._take_work()
+                    if not new_reports and not requests:
+                        break
+                    for claim, outcome in new_reports:
                         result = broker.report(claim, outcome)
                         if not result.accepted:
                             log.warning(
                                 "report for task %s rejected: %s", claim.task_id, result.detail
                             )
-                    buffered = list(self.holdings.buffer)
-                    candidates = buffered
-                    while chosen is None:
-                        if taken < len(candidates):
-                            candidate = candidates[taken]
-                            taken += 1
-                        else:
-                            fresh = broker.claim(
-                                self.worker_id,
-                                queue=self.queue,
-                                limit=1 + self.prefetch,
-                            )
-                            if not fresh:
-                                break
-                            candidates = candidates + fresh
-                            new_claims.extend(fresh)
-                            continue
-                        problem = self.kinds.validate(candidate)
-                        if problem is not None:
-                            code, message = problem
-                            broker.report(candidate, Outcome.permanent(message, code))
-                            continue
-                        if broker.start(candidate):
-                            chosen = candidate
-                    if chosen is not None and not new_claims:
-                        room = self.prefetch - (len(buffered) - taken)
-                        if room > 0:
-                            new_claims = broker.claim(self.worker_id, queue=self.queue, limit=room)
-                            candidates = candidates + new_claims
-            except BaseException:
-                self._return_pending(reports)
-                raise
-            with self.holdings.lock:
-                self.holdings.buffer.clear()
-                self.holdings.buffer.extend(candidates[taken:])
-                for claim, _ in reports:
-                    self.holdings.running.pop(claim.task_id, None)
-                if chosen is not None:
-                    self.holdings.running[chosen.task_id] = TaskContext(chosen)
-            return chosen
+                    reports += new_reports
+                    for request in requests:
+                        served.append(request)
+                        request.claim = self._start_next(pool)
+                pool.top_up()
+        except BaseException as exc:
+            self._return_pending(reports)
+            for request in served:
+                request.claim, request.error, request.done = None, exc, True
+            raise
+        with self.holdings.lock:
+            self.holdings.buffer.clear()
+            self.holdings.buffer.extend(pool.remaining())
+            for claim, _ in reports:
+                self.holdings.running.pop(claim.task_id, None)
+            for request in served:
+                if request.claim is not None:
+                    self.holdings.running[request.claim.task_id] = TaskContext(request.claim)
+        for request in served:
+            request.done = True
+
+    def _start_next(self, pool: _ClaimPool) -> Claim | None:
+        """The next claim that can run here, moved to RUNNING; bad ones are failed."""
+        while (candidate := pool.next()) is not None:
+            problem = self.kinds.validate(candidate)
+            if problem is not None:
+                code, message = problem
+                self.broker.report(candidate, Outcome.permanent(message, code))
+                continue
+            if self.broker.start(candidate):
+                return candidate
+        return None
+
+    def _take_work(self) -> tuple[list[tuple[Claim, Outcome]], list[_Request]]:
+        with self._pending_lock:
+            reports, self._pending = self._pending, []
+            requests, self._requests = self._requests, []
+        return reports, requests
 
     def _wait_for_work(self) -> None:
         settings = self.broker.settings
@@ -435,6 +455,51 @@ class GoclawStorage(BaseStorage):
 
     def close(self) -> None:
         self.broker.db.close()
+
+
+class _Request:
+    """One worker thread's wish for its next task, served by the current leader."""
+
+    __slots__ = ("claim", "done", "error")
+
+    def __init__(self) -> None:
+        self.claim: Claim | None = None
+        self.error: BaseException | None = None
+        self.done = False
+
+
+class _ClaimPool:
+    """Claims available to one exchange: the prefetch buffer, then fresh claims."""
+
+    def __init__(self, storage: GoclawStorage, buffered: list[Claim]) -> None:
+        self.storage = storage
+        self.candidates = buffered
+        self.taken = 0
+        self.exhausted = False
+
+    def next(self) -> Claim | None:
+        if self.taken == len(self.candidates) and not self._claim(1 + self.storage.prefetch):
+            return None
+        self.taken += 1
+        return self.candidates[self.taken - 1]
+
+    def top_up(self) -> None:
+        """Refill the prefetch buffer, unless this exchange found the queue empty."""
+        room = self.storage.prefetch - (len(self.candidates) - self.taken)
+        if room > 0 and self.taken > 0:
+            self._claim(room)
+
+    def remaining(self) -> list[Claim]:
+        return self.candidates[self.taken :]
+
+    def _claim(self, limit: int) -> bool:
+        if self.exhausted:
+            return False
+        storage = self.storage
+        fresh = storage.broker.claim(storage.worker_id, queue=storage.queue, limit=limit)
+        self.candidates += fresh
+        self.exhausted = len(fresh) < limit
+        return bool(fresh)
 
 
 def new_worker_id() -> str:
