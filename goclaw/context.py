@@ -17,6 +17,8 @@ class TaskContext:
     canceled: threading.Event = dataclasses.field(default_factory=threading.Event)
     #: Set when the lease could not be renewed: another worker may run the task now.
     lease_lost: threading.Event = dataclasses.field(default_factory=threading.Event)
+    #: An outcome has been queued for this run (the worker reports each run once).
+    reported: bool = False
 
     @property
     def task_id(self) -> int:

@@ -7,7 +7,9 @@ gets. Here ``dequeue`` is one broker transaction that
 2. takes a prefetched claim, or claims a task, and moves it to RUNNING,
 3. tops up the prefetch buffer (those tasks stay visibly CLAIMED),
 
-and only then hands Huey a message rebuilt from the task row. A task whose
+and only then hands Huey a message rebuilt from the task row. Threads that
+ask at the same time share that transaction (group commit): the thread
+holding the exchange serves every queued request, so one fsync covers them. A task whose
 kind is unknown or whose payload does not fit is failed in that same
 transaction and never reaches Huey. Outcomes come back through Huey's
 post-execute hook and signals and are committed by the next ``dequeue`` or
@@ -83,6 +85,7 @@ class GoclawStorage(BaseStorage):
         self._pending: list[tuple[Claim, Outcome]] = []
         self._requests: list[_Request] = []
         self._pending_lock = threading.Lock()
+        self._thread = _ThreadState()
         self._exchange_lock = threading.Lock()
         self._pid: int | None = None
         self._creator_pid = os.getpid()
@@ -121,7 +124,10 @@ class GoclawStorage(BaseStorage):
                 concurrency=self.concurrency,
             )
             self.listener = broker.doorbell.listen(broker.db, self.queue, self.concurrency)
-            keeper = LeaseKeeper(broker, self.holdings, self.worker_id)
+            # The keeper writes under the exchange lock: on PostgreSQL, a renew
+            # and an exchange of the same process locking the same rows in
+            # different orders deadlock.
+            keeper = LeaseKeeper(broker, self.holdings, self.worker_id, self._exchange_lock)
             reaper = Reaper(broker, self.worker_id)
             # Connections are per thread: each service closes its own on exit.
             close = broker.db.close
@@ -148,6 +154,7 @@ class GoclawStorage(BaseStorage):
 
     def dequeue(self) -> bytes | None:
         self.start_process_services()
+        self._report_dropped()
         try:
             claim = self._exchange()
         except DatabaseError as exc:
@@ -159,7 +166,28 @@ class GoclawStorage(BaseStorage):
             return None
         if self.listener is not None:
             self.listener.pass_on()  # more may be waiting: wake the next idle thread
+        self._thread.current = claim
         return self._message(claim)
+
+    def _report_dropped(self) -> None:
+        """Fail the task this thread last ran if Huey dropped it without a hook.
+
+        Huey's worker loop logs and forgets a task when ``execute`` raises
+        outside the task body (a storage error in its revoke check, say).
+        Its lease would otherwise be renewed forever; reported as an error,
+        it is retried like any other failure.
+        """
+        claim, self._thread.current = self._thread.current, None
+        if claim is None:
+            return
+        with self.holdings.lock:
+            ctx = self.holdings.running.get(claim.task_id)
+        if ctx is not None and not ctx.reported:
+            log.error("task %s ended without an outcome; reporting it failed", claim.task_id)
+            self._queue_report(
+                claim.ref or str(claim.task_id),
+                Outcome("error", error="the worker lost the task (see the worker log)"),
+            )
 
     def _exchange(self) -> Claim | None:
         """Report, start and claim in one transaction, shared by every waiting thread.
@@ -191,15 +219,18 @@ class GoclawStorage(BaseStorage):
                     new_reports, requests = self._take_work()
                     if not new_reports and not requests:
                         break
+                    # Recorded before they are applied: if the transaction
+                    # fails, every one of them goes back (a dropped report
+                    # would leave its task RUNNING under a live lease).
+                    reports += new_reports
+                    served += requests
                     for claim, outcome in new_reports:
                         result = broker.report(claim, outcome)
                         if not result.accepted:
                             log.warning(
                                 "report for task %s rejected: %s", claim.task_id, result.detail
                             )
-                    reports += new_reports
                     for request in requests:
-                        served.append(request)
                         request.claim = self._start_next(pool)
                 pool.top_up()
         except BaseException as exc:
@@ -302,8 +333,9 @@ class GoclawStorage(BaseStorage):
             log.debug("outcome for unknown message %s ignored", message_id)
             return
         with self._pending_lock:
-            if any(c.task_id == ctx.task_id for c, _ in self._pending):
+            if ctx.reported:
                 return  # already reported (CancelExecution emits a signal and the hook)
+            ctx.reported = True
             self._pending.append((ctx.claim, outcome))
 
     def flush(self) -> None:
@@ -455,6 +487,11 @@ class GoclawStorage(BaseStorage):
 
     def close(self) -> None:
         self.broker.db.close()
+
+
+class _ThreadState(threading.local):
+    #: The claim this worker thread was last handed.
+    current: Claim | None = None
 
 
 class _Request:

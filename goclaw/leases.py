@@ -65,17 +65,24 @@ class Holdings:
 class LeaseKeeper:
     """Heartbeat: renew held leases every ``heartbeat_seconds``; check cancels more often."""
 
-    def __init__(self, broker: Broker, holdings: Holdings, worker_id: str) -> None:
+    def __init__(
+        self,
+        broker: Broker,
+        holdings: Holdings,
+        worker_id: str,
+        write_lock: threading.Lock | None = None,
+    ) -> None:
         self.broker = broker
         self.holdings = holdings
         self.worker_id = worker_id
+        self.write_lock = write_lock or threading.Lock()
         self.interval = min(broker.settings.cancel_check_seconds, broker.settings.heartbeat_seconds)
         self._next_heartbeat = 0.0
 
     def loop(self, now: float) -> None:
         if now >= self._next_heartbeat:
             self._next_heartbeat = now + self.broker.settings.heartbeat_seconds
-            with self.broker.transaction():
+            with self.write_lock, self.broker.transaction():
                 lost = self.broker.renew(self.worker_id, self.holdings.leases(), now=now)
                 self.broker.worker_heartbeat(self.worker_id, now=now)
             if lost:

@@ -105,5 +105,7 @@ def db(database_url) -> Iterator[Database]:
 
 
 @pytest.fixture
-def broker(db, settings) -> Broker:
-    return Broker(db, settings)
+def broker(db, settings) -> Iterator[Broker]:
+    broker = Broker(db, settings)
+    yield broker
+    broker.close()

@@ -85,8 +85,8 @@ def test_unknown_kind_and_corrupt_payload_fail_and_the_worker_keeps_serving(stac
     worker = stack.worker(concurrency=1)
     unknown = broker.submit("no-such-kind", {"x": 1})[0].task_id
     wrong_args = broker.submit("echo", {"nope": 1})[0].task_id
-    corrupt = broker.submit("echo", {"text": "x"})[0].task_id
-    with broker.transaction():
+    with broker.transaction():  # one commit: no worker sees the row before it is damaged
+        corrupt = broker.submit("echo", {"text": "x"})[0].task_id
         # A row written by something else (or damaged): not JSON at all.
         broker.db.execute("UPDATE tasks SET payload = ? WHERE id = ?", ("{not json", corrupt))
     bad_value = broker.submit("sleep", {"seconds": "soon"})[0].task_id

@@ -52,3 +52,49 @@ def test_storage_runs_a_claimed_task_through_huey(app, broker):
     (record,) = broker.tasks()
     assert record.state is TaskState.SUCCEEDED and record.result == "9"
     app.storage.stop_process_services()
+
+
+def run_one(app):
+    data = app.storage.dequeue()
+    assert data is not None
+    app.huey.execute(app.huey.deserialize_task(data))
+
+
+def test_an_exchange_that_fails_loses_no_report(app, broker, monkeypatch):
+    """A report whose transaction fails (a deadlock, a full disk) is retried, not dropped:
+    a dropped report leaves its task RUNNING under a lease its worker keeps renewing."""
+    from goclaw.errors import DatabaseError
+
+    for n in range(3):
+        app.add(n)
+    run_one(app)  # task 1 ran; its outcome waits for the next exchange
+    real = broker.report
+
+    def deadlock(*args, **kwargs):
+        raise DatabaseError("deadlock detected")
+
+    monkeypatch.setattr(broker, "report", deadlock)
+    assert app.storage.dequeue() is None  # the exchange failed as a whole
+    monkeypatch.setattr(broker, "report", real)
+    run_one(app)
+    run_one(app)
+    app.storage.flush()
+    assert [t.state for t in broker.tasks()] == [TaskState.SUCCEEDED] * 3
+    app.storage.stop_process_services()
+
+
+def test_a_task_huey_drops_without_a_hook_is_failed_not_held(app, broker, monkeypatch):
+    """If Huey's execute raises outside the task body, no hook runs; the worker must
+    not keep that task's lease alive forever."""
+    app.add(1)
+    data = app.storage.dequeue()
+    assert data is not None
+    # What Huey's Worker.loop does when execute raises: log it and move on.
+    app.storage.flush()
+    assert broker.tasks()[0].state is TaskState.RUNNING
+    app.storage.dequeue()  # the same thread asks for more work
+    app.storage.flush()
+    task = broker.tasks()[0]
+    assert task.state is TaskState.RETRY_WAIT
+    assert "lost the task" in task.last_error
+    app.storage.stop_process_services()
