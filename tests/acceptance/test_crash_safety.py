@@ -106,6 +106,10 @@ def test_two_workers_drain_2000_tasks_exactly_once(stack):
         types = [e.type for e in broker.events(task_id)]
         assert types.count("lease.expired") == types.count("task.started") - 1, types
     assert first.alive() and second.alive()
+    for worker in (first, second):
+        # Errors the workers recovered from still count: a deadlock here once
+        # hid a lost report.
+        assert "Traceback" not in worker.log(), worker.log()[-3000:]
 
 
 def test_sigterm_releases_running_tasks_and_sigint_finishes_them(stack):
