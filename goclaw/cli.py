@@ -450,11 +450,7 @@ def task_show(obj: Context, task_id: int, as_json: bool) -> None:
 @command
 def task_cancel(obj: Context, task_id: int, reason: str, as_json: bool) -> None:
     """Cancel a task in any non-terminal state (a running task stops within a second)."""
-    record = obj.broker.cancel(task_id, reason=reason)
-    if as_json:
-        emit_json(record.as_json())
-    else:
-        click.echo(f"task {task_id}: {record.state.value}")
+    print_moved(obj.broker.cancel(task_id, reason=reason), as_json)
 
 
 @task.command("retry")
@@ -464,11 +460,15 @@ def task_cancel(obj: Context, task_id: int, reason: str, as_json: bool) -> None:
 @command
 def task_retry(obj: Context, task_id: int, as_json: bool) -> None:
     """Re-queue a FAILED or DEAD_LETTER task with a fresh set of attempts."""
-    record = obj.broker.retry(task_id)
+    print_moved(obj.broker.retry(task_id), as_json)
+
+
+def print_moved(record: Any, as_json: bool) -> None:
+    """What cancel and retry print: the task as their transaction left it."""
     if as_json:
         emit_json(record.as_json())
     else:
-        click.echo(f"task {task_id}: {record.state.value}")
+        click.echo(f"task {record.id}: {record.state.value}")
 
 
 @main.command()
