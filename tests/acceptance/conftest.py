@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,6 +23,7 @@ import pytest
 
 from goclaw.broker import Broker
 from goclaw.config import load_config
+from goclaw.doorbell import socket_dir_for
 from goclaw.worker import open_broker
 
 FAST_ENV = {
@@ -134,6 +136,8 @@ class Stack:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(worker.pid, signal.SIGKILL)
                 worker.proc.wait(10)
+        if self.broker.db.is_sqlite:  # killed workers leave their doorbell sockets
+            shutil.rmtree(socket_dir_for(self.broker.db), ignore_errors=True)
         self.broker.close()
 
 
