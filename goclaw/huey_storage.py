@@ -206,6 +206,7 @@ class GoclawStorage(BaseStorage):
                 self._serve_requests()
         if request.error is not None:
             raise request.error
+        self._thread.kv_empty = request.kv_empty
         return request.claim
 
     def _serve_requests(self) -> None:
@@ -233,6 +234,7 @@ class GoclawStorage(BaseStorage):
                     for request in requests:
                         request.claim = self._start_next(pool)
                 pool.top_up()
+                kv_empty = self.kv.is_empty()
         except BaseException as exc:
             self._return_pending(reports)
             for request in served:
@@ -247,6 +249,7 @@ class GoclawStorage(BaseStorage):
                 if request.claim is not None:
                     self.holdings.running[request.claim.task_id] = TaskContext(request.claim)
         for request in served:
+            request.kv_empty = kv_empty
             request.done = True
 
     def _start_next(self, pool: _ClaimPool) -> Claim | None:
@@ -443,6 +446,7 @@ class GoclawStorage(BaseStorage):
     # -- Huey's key-value data (revocations, locks, counters) ----------------
 
     def put_data(self, key: str, value: bytes, is_result: bool = False) -> None:
+        self._thread.kv_empty = False
         self.kv.put(str(key), bytes(value))
 
     def peek_data(self, key: str) -> Any:
@@ -458,16 +462,27 @@ class GoclawStorage(BaseStorage):
         return EmptyData if value is None else value
 
     def peek_many(self, keys: list[str]) -> dict[str, bytes]:
-        """Huey checks two revocation keys before every task: one query, not two."""
+        """Huey checks two revocation keys before every task: one query, or none.
+
+        None when the exchange that handed this thread its task saw no Huey
+        data at all, the usual case: the revocation check then happens at
+        claim time, microseconds before execute, instead of a query per task.
+        """
+        if self._thread.kv_empty:
+            return {}
         return self.kv.get_many([str(k) for k in keys])
 
     def has_data_for_key(self, key: str) -> bool:
         return self.kv.get(str(key)) is not None
 
     def put_if_empty(self, key: str, value: bytes, ttl: float | None = None) -> bool:
+        self._thread.kv_empty = False
         return self.kv.put_if_empty(str(key), bytes(value))
 
     def delete_data(self, key: str) -> bool:
+        # Huey deletes each task's revocation key after it runs; usually there is none.
+        if self._thread.kv_empty and str(key).startswith("r:"):
+            return False
         return self.kv.delete(str(key))
 
     def incr(self, key: str, amount: int = 1) -> int:
@@ -492,17 +507,20 @@ class GoclawStorage(BaseStorage):
 class _ThreadState(threading.local):
     #: The claim this worker thread was last handed.
     current: Claim | None = None
+    #: The kv table held nothing for this queue at that claim's exchange.
+    kv_empty: bool = False
 
 
 class _Request:
     """One worker thread's wish for its next task, served by the current leader."""
 
-    __slots__ = ("claim", "done", "error")
+    __slots__ = ("claim", "done", "error", "kv_empty")
 
     def __init__(self) -> None:
         self.claim: Claim | None = None
         self.error: BaseException | None = None
         self.done = False
+        self.kv_empty = False
 
 
 class _ClaimPool:

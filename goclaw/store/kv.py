@@ -73,6 +73,10 @@ class KeyValue:
         rows = self.db.fetchall("SELECT key, value FROM kv WHERE namespace = ?", (self.namespace,))
         return {k: bytes(v) for k, v in rows}
 
+    def is_empty(self) -> bool:
+        row = self.db.fetchone("SELECT 1 FROM kv WHERE namespace = ? LIMIT 1", (self.namespace,))
+        return row is None
+
     def size(self) -> int:
         row = self.db.fetchone("SELECT COUNT(*) FROM kv WHERE namespace = ?", (self.namespace,))
         return int(row[0])

@@ -98,3 +98,19 @@ def test_a_task_huey_drops_without_a_hook_is_failed_not_held(app, broker, monkey
     assert task.state is TaskState.RETRY_WAIT
     assert "lost the task" in task.last_error
     app.storage.stop_process_services()
+
+
+def test_huey_revoke_still_cancels_a_task(app, broker):
+    """Revocation keys are checked at claim time; a revoked kind's task is canceled."""
+    app.add(1)
+    app.add.revoke()  # Huey's API: revoke every task of this kind
+    run_one(app)
+    app.storage.flush()
+    (task,) = broker.tasks()
+    assert task.state is TaskState.CANCELED
+    app.add.restore()
+    app.add(2)
+    run_one(app)
+    app.storage.flush()
+    assert broker.tasks()[0].state is TaskState.SUCCEEDED
+    app.storage.stop_process_services()
