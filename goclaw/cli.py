@@ -186,6 +186,13 @@ def _example_config() -> str:
 @click.option("--concurrency", "-c", type=click.IntRange(min=1), help="Tasks run at once.")
 @click.option("--queue", "-q", help="Queue to serve [default: worker.queue].")
 @click.option("--worker-type", type=click.Choice(["thread", "process"]), help="Huey worker type.")
+@click.option(
+    "--kinds",
+    "kind_modules",
+    multiple=True,
+    metavar="MODULE",
+    help="Import MODULE and call its register(app) to add task kinds (repeatable).",
+)
 @click.option("--verbose", "-v", is_flag=True, help="Log every task.")
 @click.option("--json", "as_json", is_flag=True, help="Log one JSON object per line.")
 @click.pass_obj
@@ -195,6 +202,7 @@ def worker(
     concurrency: int | None,
     queue: str | None,
     worker_type: str | None,
+    kind_modules: tuple[str, ...],
     verbose: bool,
     as_json: bool,
 ) -> None:
@@ -211,7 +219,13 @@ def worker(
     logging.getLogger("goclaw").setLevel(logging.INFO)
     if not verbose:
         logging.getLogger("huey").setLevel(logging.WARNING)
-    run_worker(obj.config, concurrency=concurrency, queue=queue, worker_type=worker_type)
+    run_worker(
+        obj.config,
+        concurrency=concurrency,
+        queue=queue,
+        worker_type=worker_type,
+        kind_modules=kind_modules,
+    )
 
 
 class JsonLogFormatter(logging.Formatter):

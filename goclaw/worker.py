@@ -8,7 +8,9 @@ stop claiming, finish or release running tasks, commit their outcomes.
 
 from __future__ import annotations
 
+import importlib
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from huey.consumer import Consumer
@@ -17,6 +19,7 @@ from goclaw.app import App
 from goclaw.broker import Broker
 from goclaw.config import Config
 from goclaw.doorbell import Doorbell
+from goclaw.errors import ConfigError
 from goclaw.huey_storage import new_worker_id
 from goclaw.kinds import register_builtin_kinds
 from goclaw.store.database import Database
@@ -65,6 +68,7 @@ def build_app(
     concurrency: int,
     prefetch: int = 1,
     worker_id: str | None = None,
+    kind_modules: Sequence[str] = (),
 ) -> App:
     app = App(
         broker,
@@ -74,7 +78,25 @@ def build_app(
         worker_id=worker_id or new_worker_id(),
     )
     register_builtin_kinds(app)
+    for module in kind_modules:
+        load_kinds(app, module)
     return app
+
+
+def load_kinds(app: App, module_name: str) -> None:
+    """Import ``module_name`` and let its ``register(app)`` add task kinds.
+
+    Fails closed: a worker that cannot load the kinds it was asked to serve
+    does not start, rather than failing every such task as unknown.
+    """
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"--kinds {module_name}: cannot import it: {exc}") from exc
+    register = getattr(module, "register", None)
+    if not callable(register):
+        raise ConfigError(f"--kinds {module_name}: the module has no register(app) function")
+    register(app)
 
 
 def run_worker(
@@ -83,6 +105,7 @@ def run_worker(
     concurrency: int | None = None,
     queue: str | None = None,
     worker_type: str | None = None,
+    kind_modules: Sequence[str] = (),
 ) -> None:
     """Run until SIGINT (graceful: running tasks finish) or SIGTERM (they are released)."""
     settings = config.worker
@@ -90,7 +113,13 @@ def run_worker(
     queue = queue or settings.queue
     worker_type = worker_type or settings.worker_type
     broker = open_broker(config)
-    app = build_app(broker, queue=queue, concurrency=concurrency, prefetch=settings.prefetch)
+    app = build_app(
+        broker,
+        queue=queue,
+        concurrency=concurrency,
+        prefetch=settings.prefetch,
+        kind_modules=kind_modules,
+    )
     consumer = GoclawConsumer(
         app.huey,
         workers=concurrency,

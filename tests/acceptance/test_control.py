@@ -133,3 +133,27 @@ def test_priority_order_and_delay(stack):
     started = {i: next(e.at for e in broker.events(i) if e.type == "task.started") for i in final}
     assert started[high] < started[low], "higher priority first"
     assert started[later] - final[later].created_at >= 1.0, "delay honoured"
+
+
+def test_a_worker_runs_kinds_from_a_module(stack, tmp_path):
+    package = tmp_path / "userkinds"
+    package.mkdir()
+    (package / "resize.py").write_text(
+        "from goclaw.errors import PermanentTaskError\n\n"
+        "def register(app):\n"
+        "    @app.kind('resize')\n"
+        "    def resize(ctx, path, width):\n"
+        "        if width <= 0:\n"
+        "            raise PermanentTaskError('width must be positive')\n"
+        "        return {'path': path, 'width': width, 'attempt': ctx.attempt}\n"
+    )
+    stack.env["PYTHONPATH"] = str(tmp_path)
+    stack.worker("--kinds", "userkinds.resize", concurrency=1)
+    ok = stack.broker.submit("resize", {"path": "a.png", "width": 64})[0].task_id
+    bad = stack.broker.submit("resize", {"path": "a.png", "width": 0})[0].task_id
+    final = stack.wait_terminal([ok, bad])
+    assert final[ok].result == '{"path":"a.png","width":64,"attempt":1}'
+    assert (final[bad].state, final[bad].reason) == (TaskState.FAILED, "bad_input")
+
+    refused = stack.cli("worker", "--kinds", "userkinds.nothing_here", check=False)
+    assert refused.returncode == 1 and "cannot import it" in refused.stderr
