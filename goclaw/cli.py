@@ -535,6 +535,31 @@ def demo(obj: Context, as_json: bool) -> None:
     sys.exit(code)
 
 
+@main.group()
+def dev() -> None:
+    """Tools for developing against goclaw without a network."""
+
+
+@dev.command("fake-llm")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=click.IntRange(min=1, max=65535), default=8001, show_default=True)
+@click.option(
+    "--script",
+    "script_path",
+    type=click.Path(dir_okay=False, exists=True),
+    required=True,
+    help="YAML or JSON replies to serve, in order (see goclaw/fake_llm.py).",
+)
+@command
+def dev_fake_llm(host: str, port: int, script_path: str) -> None:
+    """Serve a scripted OpenAI-compatible model at http://HOST:PORT/v1."""
+    from goclaw.fake_llm import Script, serve
+
+    script = Script.load(script_path)
+    err_console.print(f"fake model listening on http://{host}:{port}/v1", highlight=False)
+    serve(script, host, port)
+
+
 # -- bench ---------------------------------------------------------------------
 
 
