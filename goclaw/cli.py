@@ -265,9 +265,21 @@ def parse_args(pairs: tuple[str, ...]) -> dict[str, Any]:
 @main.command()
 @click.argument("prompt", required=False)
 @click.option("--kind", "-k", help="Task kind (noop, sleep, fail, echo, ...).")
-@click.option("--arg", "-a", "arg_pairs", multiple=True, metavar="KEY=VALUE", help="Task argument.")
 @click.option(
-    "--count", "-n", type=click.IntRange(min=1, max=100_000), default=1, show_default=True
+    "--arg",
+    "-a",
+    "arg_pairs",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Task argument (repeatable); VALUE is read as JSON when it parses: 1.5, true, [1].",
+)
+@click.option(
+    "--count",
+    "-n",
+    type=click.IntRange(min=1, max=100_000),
+    default=1,
+    show_default=True,
+    help="Fan out N identical tasks, in one transaction.",
 )
 @click.option("--priority", "-p", type=int, default=0, show_default=True, help="Higher runs first.")
 @click.option("--max-attempts", type=click.IntRange(min=1), help="[default: broker.max_attempts]")
