@@ -12,20 +12,17 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import json
 from collections.abc import Callable
 from typing import Any
 
 import huey
 
-from goclaw.broker import Broker
+from goclaw.broker import Broker, decode_payload
 from goclaw.context import TaskContext
 from goclaw.errors import PermanentTaskError
 from goclaw.huey_storage import GoclawStorage
 from goclaw.records import Claim
 from goclaw.states import Reason
-
-POSITIONAL_KEY = "_args"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,7 +121,7 @@ class App:
                 f"unknown task kind {claim.kind!r} (this worker runs: {known})",
             )
         try:
-            args, kwargs = split_payload(claim.payload)
+            args, kwargs = decode_payload(claim.payload)
         except ValueError as exc:
             return Reason.BAD_PAYLOAD, str(exc)
         leading = (None,) if spec.wants_context else ()
@@ -135,18 +132,4 @@ class App:
         return None
 
 
-def split_payload(payload: str) -> tuple[list[Any], dict[str, Any]]:
-    """Decode a task's JSON payload into positional and keyword arguments."""
-    try:
-        data = json.loads(payload)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"payload is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"payload must be a JSON object, got {type(data).__name__}")
-    args = data.pop(POSITIONAL_KEY, [])
-    if not isinstance(args, list):
-        raise ValueError(f"payload key {POSITIONAL_KEY!r} must be a list")
-    return args, data
-
-
-__all__ = ["App", "KindSpec", "PermanentTaskError", "TaskContext", "split_payload"]
+__all__ = ["App", "KindSpec", "PermanentTaskError", "TaskContext"]

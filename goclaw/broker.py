@@ -26,7 +26,7 @@ from typing import Any
 from goclaw.backoff import retry_delay
 from goclaw.config import BrokerSettings
 from goclaw.doorbell import ANY_QUEUE, Doorbell
-from goclaw.errors import IllegalTransition, TaskNotFound
+from goclaw.errors import GoclawError, IllegalTransition, TaskNotFound
 from goclaw.records import (
     EVENT_COLUMNS,
     TASK_COLUMNS,
@@ -43,6 +43,10 @@ S = TaskState
 LEASED_SQL = "('CLAIMED', 'RUNNING')"
 CLAIMABLE_SQL = "('QUEUED', 'RETRY_WAIT')"
 MAX_ERROR_CHARS = 2000
+#: Where positional arguments (from Huey's API) travel in a task's JSON payload.
+POSITIONAL_KEY = "_args"
+#: The columns a task gives up with its lease.
+NO_LEASE: dict[str, Any] = {"lease_owner": None, "lease_expires_at": None}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,9 +161,10 @@ class Broker:
             raise ValueError(f"max_attempts must be at least 1, got {attempts}")
         payload = encode_payload(args)
         limit = self.settings.max_payload_bytes
-        if len(payload.encode()) > limit:
+        size = len(payload.encode())
+        if size > limit:
             raise ValueError(
-                f"task arguments are {len(payload.encode()):,} bytes of JSON, over "
+                f"task arguments are {size:,} bytes of JSON, over "
                 f"broker.max_payload_bytes ({limit:,}): pass a reference (a path, a URL), "
                 "not the data"
             )
@@ -191,7 +196,7 @@ class Broker:
                     "SELECT id FROM tasks WHERE idempotency_key = ? OR ref = ?", (key, ref)
                 )
                 if existing is None:  # pragma: no cover - a conflict implies a row
-                    raise IllegalTransition(0, "?", S.QUEUED, "insert conflicted with no row")
+                    raise GoclawError(f"submit: key {key!r} conflicted, yet no task holds it")
                 submitted.append(Submitted(existing[0], False))
             self._insert_events(events)
             if events:
@@ -351,7 +356,7 @@ class Broker:
         last_error: str | None,
         now: float,
     ) -> tuple[TaskState, dict[str, Any], str]:
-        done = {"lease_owner": None, "lease_expires_at": None, "finished_at": now}
+        done = {**NO_LEASE, "finished_at": now}
         if outcome.status == "succeeded":
             return S.SUCCEEDED, self._succeeded_sets(outcome, now), "task.succeeded"
         error = (outcome.error or "")[:MAX_ERROR_CHARS]
@@ -366,12 +371,7 @@ class Broker:
             )
         if outcome.status == "released":
             # Interrupted by a shutdown: the attempt did not really happen.
-            sets = {
-                "lease_owner": None,
-                "lease_expires_at": None,
-                "attempts": max(attempts - 1, 0),
-                "run_after": now,
-            }
+            sets = {**NO_LEASE, "attempts": max(attempts - 1, 0), "run_after": now}
             return S.QUEUED, sets, "task.released"
         if outcome.status != "error":
             raise ValueError(f"unknown outcome status {outcome.status!r}")
@@ -392,17 +392,12 @@ class Broker:
             cap=self.settings.retry_max_seconds,
             rand=self.rand,
         )
-        sets = {**sets, "lease_owner": None, "lease_expires_at": None, "run_after": now + wait}
+        sets = {**sets, **NO_LEASE, "run_after": now + wait}
         return S.RETRY_WAIT, sets, "task.retry_scheduled"
 
     @staticmethod
     def _succeeded_sets(outcome: Outcome, now: float) -> dict[str, Any]:
-        return {
-            "lease_owner": None,
-            "lease_expires_at": None,
-            "finished_at": now,
-            "result": encode_result(outcome.result),
-        }
+        return {**NO_LEASE, "finished_at": now, "result": encode_result(outcome.result)}
 
     def renew(self, owner: str, claims: Sequence[Claim], *, now: float | None = None) -> list[int]:
         """Extend the leases of ``claims``; return the ids whose lease is gone."""
@@ -452,12 +447,7 @@ class Broker:
                 task.state,
                 S.CANCELED,
                 "task.canceled",
-                sets={
-                    "lease_owner": None,
-                    "lease_expires_at": None,
-                    "finished_at": now,
-                    "reason": Reason.CANCELED,
-                },
+                sets={**NO_LEASE, "finished_at": now, "reason": Reason.CANCELED},
                 now=now,
                 detail={"reason": reason} if reason else None,
             )
@@ -536,7 +526,7 @@ class Broker:
                     target,
                     "lease.expired",
                     token=token,
-                    sets={**sets, "lease_owner": None, "lease_expires_at": None},
+                    sets={**sets, **NO_LEASE},
                     now=now,
                     detail=detail,
                 )
@@ -746,6 +736,20 @@ def encode_payload(args: Mapping[str, Any] | None) -> str:
         raise ValueError(f"task arguments must be JSON-serialisable: {exc}") from exc
 
 
+def decode_payload(payload: str) -> tuple[list[Any], dict[str, Any]]:
+    """Decode a task's JSON payload into positional and keyword arguments."""
+    try:
+        data = json.loads(payload)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"payload is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"payload must be a JSON object, got {type(data).__name__}")
+    args = data.pop(POSITIONAL_KEY, [])
+    if not isinstance(args, list):
+        raise ValueError(f"payload key {POSITIONAL_KEY!r} must be a list")
+    return args, data
+
+
 def encode_result(value: Any) -> str | None:
     if value is None:
         return None
@@ -775,4 +779,4 @@ def _json(value: Mapping[str, Any] | None) -> str | None:
     return None if value is None else json.dumps(value, separators=(",", ":"), default=str)
 
 
-__all__ = ["CLAIMABLE", "Broker", "Outcome", "Reported", "encode_payload"]
+__all__ = ["Broker", "Outcome", "Reported", "decode_payload", "encode_payload"]

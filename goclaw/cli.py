@@ -25,7 +25,7 @@ from rich.table import Table
 
 from goclaw.broker import Broker
 from goclaw.config import Config, load_config
-from goclaw.errors import ConfigError, GoclawError
+from goclaw.errors import GoclawError
 from goclaw.records import iso
 from goclaw.states import TERMINAL, TaskState
 
@@ -615,11 +615,7 @@ def bench_queue(
     console.print(table)
 
 
-def run() -> None:  # pragma: no cover - console entry point alias
-    main()
-
-
 if __name__ == "__main__":  # pragma: no cover
     main()
 
-__all__ = ["ConfigError", "main"]
+__all__ = ["main"]

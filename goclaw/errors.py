@@ -42,10 +42,6 @@ class IllegalTransition(GoclawError):
         super().__init__(f"task {task_id}: cannot move from {current} to {wanted}{detail}")
 
 
-class LeaseLost(GoclawError):
-    """The worker no longer holds this task's lease; its report was rejected."""
-
-
 class PermanentTaskError(Exception):
     """Raised by task code for an error that retrying cannot fix (bad input).
 

@@ -36,7 +36,7 @@ from huey.registry import Message
 from huey.signals import SIGNAL_INTERRUPTED
 from huey.storage import BaseStorage
 
-from goclaw.broker import Broker, Outcome
+from goclaw.broker import POSITIONAL_KEY, Broker, Outcome, decode_payload
 from goclaw.context import TaskContext
 from goclaw.doorbell import Listener
 from goclaw.errors import DatabaseError, PermanentTaskError, TaskCanceled
@@ -185,7 +185,7 @@ class GoclawStorage(BaseStorage):
         if ctx is not None and not ctx.reported:
             log.error("task %s ended without an outcome; reporting it failed", claim.task_id)
             self._queue_report(
-                claim.ref or str(claim.task_id),
+                claim.message_id,
                 Outcome("error", error="the worker lost the task (see the worker log)"),
             )
 
@@ -285,11 +285,9 @@ class GoclawStorage(BaseStorage):
             time.sleep(timeout)
 
     def _message(self, claim: Claim) -> bytes:
-        from goclaw.app import split_payload
-
-        args, kwargs = split_payload(claim.payload)
+        args, kwargs = decode_payload(claim.payload)
         message = Message(
-            claim.ref or str(claim.task_id),
+            claim.message_id,
             self.kinds.huey_name(claim.kind),
             None,  # eta: run_after was already honoured by the claim
             0,  # retries: the broker retries, never Huey
@@ -305,7 +303,7 @@ class GoclawStorage(BaseStorage):
     def context_for(self, message_id: str) -> TaskContext:
         with self.holdings.lock:
             for ctx in self.holdings.running.values():
-                if (ctx.claim.ref or str(ctx.claim.task_id)) == message_id:
+                if ctx.claim.message_id == message_id:
                     return ctx
         raise LookupError(f"no running task with message id {message_id}")
 
@@ -404,7 +402,7 @@ class GoclawStorage(BaseStorage):
             )
         args = dict(message.kwargs or {})
         if message.args:
-            args["_args"] = list(message.args)
+            args[POSITIONAL_KEY] = list(message.args)
         delay = 0.0
         if eta is not None:
             if eta.tzinfo is None:

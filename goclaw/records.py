@@ -132,6 +132,11 @@ class Claim:
     priority: int
     ref: str | None
 
+    @property
+    def message_id(self) -> str:
+        """The id Huey knows this run by: Huey's own task id, or the task id."""
+        return self.ref or str(self.task_id)
+
 
 @dataclasses.dataclass(frozen=True)
 class Submitted:

@@ -8,7 +8,14 @@ import pytest
 
 from goclaw.bench import run_queue_bench
 
-RATES = ("goclaw_tasks_per_s", "huey_tasks_per_s", "raw_tasks_per_s")
+RATES = (
+    "goclaw_tasks_per_s",
+    "huey_tasks_per_s",
+    "raw_tasks_per_s",
+    "goclaw_drain_tasks_per_s",
+    "huey_drain_tasks_per_s",
+    "drain_ratio_vs_huey",
+)
 LATENCIES = ("submit_to_start_p50_ms", "submit_to_start_p99_ms", "submit_to_start_max_ms")
 
 
