@@ -1,0 +1,1 @@
+"""The agent runtime: definitions, tools, sessions, model routing and the agent loop."""
