@@ -1,0 +1,209 @@
+"""What a tool is, how its arguments are checked, and the one call that runs it.
+
+The agent loop owns the conversation; this module owns the contract between the
+loop and a tool. Every failure a tool can have ends as a ``ToolError`` with a
+code the model is shown, so a bad argument, a refused path or a crashing tool
+costs the model one turn, never the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, Protocol
+
+import jsonschema
+
+from goclaw.errors import GoclawError
+
+#: OpenAI accepts tool names of this shape only; checked when a tool is defined.
+_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+#: jsonschema quotes the offending value; a 5 MB ``content`` must not come back whole.
+_MESSAGE_CHARS = 300
+_MAX_MESSAGES = 5
+
+
+class ToolError(GoclawError):
+    """A failure the model is told about (never crashes the run)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        self.code = code
+        self.message = message
+        super().__init__(f"{code}: {message}")
+
+    def __reduce__(self) -> tuple[type[ToolError], tuple[str, str]]:
+        # Process workers pickle exceptions; the default would call __init__ with one argument.
+        return (type(self), (self.code, self.message))
+
+
+@dataclasses.dataclass(frozen=True)
+class ToolLimits:
+    """Caps that keep one tool call from holding a worker thread or its memory for long."""
+
+    exec_timeout_seconds: float = 30.0
+    exec_output_bytes: int = 64 * 1024
+    read_max_bytes: int = 256 * 1024
+    write_max_bytes: int = 1024 * 1024
+    list_max_entries: int = 1000
+    fetch_timeout_seconds: float = 15.0
+    fetch_max_bytes: int = 512 * 1024
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            if getattr(self, field.name) <= 0:
+                raise ValueError(f"ToolLimits.{field.name} must be positive")
+
+
+class PolicyHook(Protocol):
+    def check(self, ctx: ToolContext, capability: str, subject: str) -> None:
+        """Raise ToolError('policy_denied', why) to refuse.
+
+        The real default-deny policy engine plugs in here later; tools ask this
+        hook and nothing else, so swapping it changes every decision at once.
+        """
+
+
+class AllowListedTools:
+    """The default policy: a tool may run iff it is listed for the agent.
+
+    It judges ``tools.<name>`` capabilities only. Finer ones that a tool asks
+    for while it runs (``net.http`` for every hop of ``web_fetch``) pass: being
+    allowed the tool is being allowed what it does, until the policy engine
+    arrives and judges them itself.
+    """
+
+    def __init__(self, allowed: Iterable[str]) -> None:
+        self.allowed = frozenset(allowed)
+
+    def check(self, ctx: ToolContext, capability: str, subject: str) -> None:
+        kind, _, name = capability.partition(".")
+        if kind == "tools" and name not in self.allowed:
+            raise ToolError("policy_denied", f"agent {ctx.agent_id!r} may not use tool {name!r}")
+
+    def __repr__(self) -> str:
+        return f"AllowListedTools({sorted(self.allowed)!r})"
+
+
+@dataclasses.dataclass(frozen=True)
+class ToolContext:
+    """Where and for whom a tool runs; one per agent turn, shared by its tool calls."""
+
+    workspace: Path
+    agent_id: str
+    task_id: int
+    session_key: str
+    limits: ToolLimits = ToolLimits()
+    #: Deny everything unless told otherwise: a forgotten policy fails closed.
+    policy: PolicyHook = dataclasses.field(default_factory=lambda: AllowListedTools(()))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Tool:
+    """A function the model may call, described the way the model sees it.
+
+    Compared and hashed by identity: a tool is one registered object, and its
+    schema dict would make a field-wise hash fail.
+    """
+
+    name: str
+    description: str
+    #: JSON Schema (Draft 2020-12) for the arguments object.
+    parameters: dict[str, Any]
+    #: Returns a JSON-serialisable result (a str or a dict); raises ToolError to fail.
+    run: Callable[[ToolContext, dict[str, Any]], Any]
+    #: True for tools that change the world (write_file, exec): the loop records them in
+    #: an idempotency ledger so that a retried task does not repeat them blindly.
+    side_effect: bool = False
+    #: The argument that policy and audit judge (a path, a command, a URL).
+    subject_argument: str | None = None
+
+    def __post_init__(self) -> None:
+        # A broken definition is a programming error: fail when the tool is defined, not
+        # when a model first calls it.
+        if not _NAME.match(self.name):
+            raise ValueError(f"tool name {self.name!r} must match {_NAME.pattern}")
+        if self.parameters.get("type") != "object":
+            raise ValueError(f"tool {self.name!r}: parameters must be a JSON Schema of type object")
+        jsonschema.Draft202012Validator.check_schema(self.parameters)
+
+    @property
+    def capability(self) -> str:
+        return f"tools.{self.name}"
+
+    def subject(self, arguments: dict[str, Any]) -> str:
+        """What policy and audit see; an omitted argument counts as its schema default."""
+        if self.subject_argument is None:
+            return ""
+        if self.subject_argument in arguments:
+            return str(arguments[self.subject_argument])
+        spec = self.parameters.get("properties", {}).get(self.subject_argument, {})
+        return str(spec.get("default", ""))
+
+    def schema(self) -> dict[str, Any]:
+        """The tool in OpenAI's function-calling format."""
+        return {
+            "type": "function",
+            "function": {
+                "name": self.name,
+                "description": self.description,
+                "parameters": self.parameters,
+            },
+        }
+
+
+def parse_arguments(tool: Tool, raw: str | dict[str, Any] | None) -> dict[str, Any]:
+    """Decode and validate the model's arguments, explaining exactly what is wrong.
+
+    The message goes back to the model, which can only fix what it is told: it
+    names the field and the problem (``path: 3 is not of type 'string'``).
+    """
+    if raw is None or (isinstance(raw, str) and not raw.strip()):
+        arguments: Any = {}
+    elif isinstance(raw, str):
+        try:
+            arguments = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise ToolError("invalid_arguments", f"arguments are not valid JSON: {exc}") from exc
+    else:
+        arguments = raw
+    if not isinstance(arguments, dict):
+        raise ToolError(
+            "invalid_arguments",
+            f"arguments must be a JSON object, not {type(arguments).__name__}",
+        )
+    validator = jsonschema.Draft202012Validator(tool.parameters)
+    errors = sorted(
+        validator.iter_errors(arguments), key=lambda e: [str(p) for p in e.absolute_path]
+    )
+    if errors:
+        problems = [_describe(error) for error in errors[:_MAX_MESSAGES]]
+        if len(errors) > _MAX_MESSAGES:
+            problems.append(f"and {len(errors) - _MAX_MESSAGES} more")
+        raise ToolError("invalid_arguments", "; ".join(problems))
+    return dict(arguments)
+
+
+def _describe(error: jsonschema.ValidationError) -> str:
+    message = error.message
+    if len(message) > _MESSAGE_CHARS:
+        message = message[: _MESSAGE_CHARS - 3] + "..."
+    where = ".".join(str(part) for part in error.absolute_path)
+    return f"{where}: {message}" if where else message
+
+
+def invoke(tool: Tool, ctx: ToolContext, arguments: dict[str, Any]) -> Any:
+    """Ask the policy, then run the tool; whatever goes wrong comes back as a ToolError.
+
+    A policy hook that itself crashes refuses the call (``tool_crashed``) rather
+    than letting it through.
+    """
+    try:
+        ctx.policy.check(ctx, tool.capability, tool.subject(arguments))
+        return tool.run(ctx, arguments)
+    except ToolError:
+        raise
+    except Exception as exc:
+        raise ToolError("tool_crashed", f"{type(exc).__name__}: {exc}") from exc
