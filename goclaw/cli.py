@@ -288,6 +288,21 @@ def parse_args(pairs: tuple[str, ...]) -> dict[str, Any]:
 @click.option("--delay", type=click.FloatRange(min=0), default=0, help="Seconds before it may run.")
 @click.option("--wait", "-w", is_flag=True, help="Follow the task(s) until they end.")
 @click.option("--timeout", type=float, default=None, help="With --wait: give up after N seconds.")
+@click.option(
+    "--agent",
+    "-a",
+    "agent_id",
+    default="default",
+    show_default=True,
+    help="With a PROMPT: the agent that answers it.",
+)
+@click.option(
+    "--session",
+    "-s",
+    "session_key",
+    default=None,
+    help="With a PROMPT: continue this session [default: a new one].",
+)
 @json_option
 @click.pass_obj
 @command
@@ -304,18 +319,37 @@ def submit(
     delay: float,
     wait: bool,
     timeout: float | None,
+    agent_id: str,
+    session_key: str | None,
     as_json: bool,
 ) -> None:
-    """Queue work: a PROMPT for an agent, or a task of --kind KIND."""
+    """Queue work: a PROMPT for an agent, or a task of --kind KIND.
+
+    With a PROMPT, --wait streams the agent's reply into the terminal as it
+    is generated; the session key is printed so a later prompt can continue
+    the conversation with --session.
+    """
     if prompt is not None and kind is not None:
         raise click.UsageError("give either a PROMPT or --kind, not both")
     if prompt is None and kind is None:
         raise click.UsageError("give a PROMPT or --kind KIND")
     if prompt is not None:
-        raise GoclawError(
-            "prompts run on the agent runtime, which this version does not include yet; "
-            "submit a task with --kind (noop, sleep, fail, echo)"
+        if count != 1 or arg_pairs or delay:
+            raise click.UsageError("--count, --arg and --delay apply to --kind tasks only")
+        submit_prompt(
+            obj,
+            prompt,
+            agent_id=agent_id,
+            session_key=session_key,
+            queue=queue,
+            priority=priority,
+            max_attempts=max_attempts,
+            idempotency_key=idempotency_key,
+            wait=wait,
+            timeout=timeout,
+            as_json=as_json,
         )
+        return
     args = parse_args(arg_pairs)
     broker = obj.broker
     submitted = broker.submit(
@@ -342,6 +376,77 @@ def submit(
         emit_json({"task_ids": ids, "tasks": [final[i].as_json() for i in ids]})
     if any(final[i].state is not TaskState.SUCCEEDED for i in ids):
         sys.exit(1)
+
+
+def submit_prompt(
+    obj: Context,
+    prompt: str,
+    *,
+    agent_id: str,
+    session_key: str | None,
+    queue: str | None,
+    priority: int,
+    max_attempts: int | None,
+    idempotency_key: str | None,
+    wait: bool,
+    timeout: float | None,
+    as_json: bool,
+) -> None:
+    """Queue one agent turn; with ``wait``, stream its reply as the worker writes it."""
+    from goclaw.agent.definitions import build_catalog
+    from goclaw.agent.tools import BUILTIN_TOOLS
+    from goclaw.agent.turns import AGENT_KIND, follow_turn, new_session_key
+
+    build_catalog(obj.config, BUILTIN_TOOLS).get(agent_id)  # unknown agent: fail here, not later
+    session_key = session_key or new_session_key(agent_id)
+    broker = obj.broker
+    [submitted] = broker.submit(
+        AGENT_KIND,
+        {"prompt": prompt, "agent": agent_id, "session": session_key},
+        queue=queue or obj.config.worker.queue,
+        priority=priority,
+        max_attempts=max_attempts,
+        idempotency_key=idempotency_key,
+    )
+    task_id = submitted.task_id
+    if not wait:
+        if as_json:
+            emit_json({"task_id": task_id, "session_key": session_key})
+        else:
+            click.echo(f"{task_id}  session {session_key}")
+        return
+    if not as_json:
+        err_console.print(f"[dim]task {task_id} · session {session_key}[/]", highlight=False)
+    try:
+        outcome = follow_turn(
+            broker,
+            task_id,
+            timeout=timeout,
+            on_text=None if as_json else _write_text,
+            on_note=None if as_json else _write_note,
+        )
+    except TimeoutError as exc:
+        raise GoclawError(str(exc)) from exc
+    if as_json:
+        emit_json({"task_id": task_id, "session_key": session_key, **outcome.as_json()})
+    else:
+        click.echo()
+        if outcome.state is not TaskState.SUCCEEDED:
+            err_console.print(
+                f"[bold red]{outcome.state.value}[/] {outcome.error or ''}", highlight=False
+            )
+    if outcome.state is not TaskState.SUCCEEDED:
+        sys.exit(1)
+
+
+def _write_text(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def _write_note(note: str) -> None:
+    sys.stdout.flush()
+    err_console.print(f"[dim]{note}[/]", highlight=False)
 
 
 def follow(broker: Broker, ids: list[int], *, timeout: float | None, out: Console | None) -> dict:

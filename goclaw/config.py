@@ -131,6 +131,9 @@ class WorkerSettings:
     #: 1 lets a finishing thread start its next task in the same commit; 0 is
     #: fairest to other workers when tasks are long.
     prefetch: int = 1
+    #: Import the model library (LiteLLM: ~2 s, ~170 MB) when the worker starts,
+    #: so the first agent turn does not wait for it; false defers it to that turn.
+    preload_models: bool = True
 
     def validate(self) -> None:
         if self.concurrency < 1:
@@ -498,6 +501,18 @@ def _build_section(name: str, cls: type, values: dict[str, Any]) -> Any:
     return cls(**kwargs)
 
 
+BOOL_WORDS = {
+    "true": True,
+    "yes": True,
+    "on": True,
+    "1": True,
+    "false": False,
+    "no": False,
+    "off": False,
+    "0": False,
+}
+
+
 def _coerce(key: str, type_name: Any, value: Any) -> Any:
     """Accept YAML scalars and environment strings; refuse anything ambiguous."""
     wanted = type_name if isinstance(type_name, str) else type_name.__name__
@@ -520,6 +535,12 @@ def _coerce(key: str, type_name: Any, value: Any) -> Any:
             if not isinstance(value, str | int | float) or isinstance(value, bool):
                 raise ValueError
             return str(value)
+        if wanted == "bool":
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.strip().lower() in BOOL_WORDS:
+                return BOOL_WORDS[value.strip().lower()]
+            raise ValueError
     except (TypeError, ValueError):
         nullable = " or null" if type_name != wanted else ""
         raise ConfigError(f"{key}: expected {wanted}{nullable}, got {value!r}") from None

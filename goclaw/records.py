@@ -85,7 +85,9 @@ class Task:
         }
 
 
-EVENT_COLUMNS = "id, task_id, type, from_state, to_state, at, lease_token, worker, detail"
+EVENT_COLUMNS = (
+    "id, task_id, type, from_state, to_state, at, lease_token, worker, detail, session_key, seq"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +101,9 @@ class TaskEvent:
     lease_token: int | None
     worker: str | None
     detail: str | None
+    #: Agent events only: the session and its per-session sequence number.
+    session_key: str | None = None
+    seq: int | None = None
 
     @classmethod
     def from_row(cls, row: tuple) -> TaskEvent:
@@ -115,7 +120,12 @@ class TaskEvent:
             "lease_token": self.lease_token,
             "worker": self.worker,
             "detail": _loads(self.detail),
+            **({"session_key": self.session_key, "seq": self.seq} if self.session_key else {}),
         }
+
+    @property
+    def data(self) -> Any:
+        return _loads(self.detail)
 
 
 @dataclasses.dataclass(frozen=True)

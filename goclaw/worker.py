@@ -69,7 +69,9 @@ def build_app(
     prefetch: int = 1,
     worker_id: str | None = None,
     kind_modules: Sequence[str] = (),
+    config: Config | None = None,
 ) -> App:
+    """The app a worker serves: built-in kinds, agent turns (given a config), user kinds."""
     app = App(
         broker,
         queue=queue,
@@ -78,6 +80,12 @@ def build_app(
         worker_id=worker_id or new_worker_id(),
     )
     register_builtin_kinds(app)
+    if config is not None:
+        from goclaw.agent.runtime import register_agent_kind
+
+        runtime = register_agent_kind(app, config)
+        if config.worker.preload_models:
+            runtime.warm_up()
     for module in kind_modules:
         load_kinds(app, module)
     return app
@@ -119,6 +127,7 @@ def run_worker(
         concurrency=concurrency,
         prefetch=settings.prefetch,
         kind_modules=kind_modules,
+        config=config,
     )
     consumer = GoclawConsumer(
         app.huey,

@@ -103,6 +103,74 @@ MIGRATIONS: tuple[Migration, ...] = (
             )""",
         ),
     ),
+    Migration(
+        2,
+        "agent sessions, messages, tool effects, model calls, session-ordered events",
+        (
+            # One row per conversation. ``next_seq`` hands out the per-session
+            # sequence numbers of both messages and agent events; taking them
+            # with an UPDATE also serialises writers of one session.
+            # ``summary`` stands in for every message with seq <= summary_upto.
+            """CREATE TABLE sessions (
+                key TEXT PRIMARY KEY,
+                agent_id TEXT NOT NULL,
+                next_seq INTEGER NOT NULL DEFAULT 1,
+                summary TEXT,
+                summary_upto INTEGER NOT NULL DEFAULT 0,
+                created_at {double} NOT NULL,
+                updated_at {double} NOT NULL
+            )""",
+            # The durable history: OpenAI-shaped messages, written once each.
+            """CREATE TABLE session_messages (
+                id {serial_pk},
+                session_key TEXT NOT NULL REFERENCES sessions (key),
+                seq INTEGER NOT NULL,
+                task_id INTEGER NOT NULL,
+                role TEXT NOT NULL,
+                message TEXT NOT NULL,
+                created_at {double} NOT NULL,
+                UNIQUE (session_key, seq)
+            )""",
+            "CREATE INDEX session_messages_task ON session_messages (task_id, seq)",
+            # Side-effecting tool calls, keyed by (task, tool-call id): a retry
+            # replays a finished call's result and never repeats the effect.
+            """CREATE TABLE tool_effects (
+                task_id INTEGER NOT NULL,
+                call_id TEXT NOT NULL,
+                tool TEXT NOT NULL,
+                arguments TEXT NOT NULL,
+                state TEXT NOT NULL,
+                result TEXT,
+                started_at {double} NOT NULL,
+                finished_at {double},
+                PRIMARY KEY (task_id, call_id)
+            )""",
+            # Every model request: tokens, cost and latency per task, session,
+            # agent and model (accounting, metrics, benchmarks).
+            """CREATE TABLE model_calls (
+                id {serial_pk},
+                task_id INTEGER NOT NULL,
+                session_key TEXT NOT NULL,
+                agent_id TEXT NOT NULL,
+                model TEXT NOT NULL,
+                purpose TEXT NOT NULL,
+                outcome TEXT NOT NULL,
+                prompt_tokens INTEGER NOT NULL DEFAULT 0,
+                completion_tokens INTEGER NOT NULL DEFAULT 0,
+                cost {double} NOT NULL DEFAULT 0,
+                latency_ms {double} NOT NULL,
+                at {double} NOT NULL
+            )""",
+            "CREATE INDEX model_calls_task ON model_calls (task_id)",
+            "CREATE INDEX model_calls_session ON model_calls (session_key)",
+            # Agent events (run.started, chunk, tool.call, ...) share the task
+            # event log; they carry their session and a per-session sequence.
+            "ALTER TABLE task_events ADD COLUMN session_key TEXT",
+            "ALTER TABLE task_events ADD COLUMN seq INTEGER",
+            """CREATE UNIQUE INDEX task_events_session ON task_events (session_key, seq)
+               WHERE session_key IS NOT NULL""",
+        ),
+    ),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version

@@ -33,6 +33,8 @@ FAST_ENV = {
     "GOCLAW_BROKER__RETRY_MAX_SECONDS": "0.2",
     "GOCLAW_BROKER__CANCEL_CHECK_SECONDS": "0.1",
     "GOCLAW_BROKER__IDLE_POLL_SECONDS": "1.0",
+    # Most stacks never run an agent: spare each worker the model library's import.
+    "GOCLAW_WORKER__PRELOAD_MODELS": "false",
 }
 
 

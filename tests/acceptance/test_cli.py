@@ -96,7 +96,7 @@ def test_submit_options_and_wait(stack):
     [
         (("task", "show", "999999"), "task 999999 does not exist"),
         (("task", "retry", "999999"), "task 999999 does not exist"),
-        (("submit", "write a poem"), "agent runtime"),
+        (("submit", "write a poem", "--agent", "nobody"), "unknown agent"),
     ],
 )
 def test_errors_are_one_line_and_non_zero(stack, args, message):

@@ -1,0 +1,469 @@
+"""One agent turn: think, act, observe, until the model answers without tools.
+
+A turn is the body of one ``agent`` task. Everything it learns is written to
+the session as it happens, so the turn is resumable at every step: a retry
+after a crash reads what its earlier attempt committed and goes on from
+there. The user message and the final reply are each written once, and the
+next step is decided from the durable tail of the turn:
+
+- no messages yet: write the user message, then ask the model;
+- the last is an assistant message with tool calls: run the calls that have
+  no result (side effects go through the ``EffectLedger``), then ask again;
+- the last is a final assistant message: the turn is done, whatever crashed
+  after it was written.
+
+Bounds: ``max_iterations`` model replies per turn, ``max_tool_calls`` tool
+calls (after which tools are withdrawn so the model must answer), a
+detector for the same call with the same arguments giving the same result,
+and ``task_timeout_seconds``. Tool problems (unknown tool, invalid
+arguments, a refusal, an exception) go back to the model as tool errors;
+none of them ends the turn.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+from goclaw.agent.compaction import compact
+from goclaw.agent.definitions import AgentDefinition
+from goclaw.agent.effects import INTERRUPTED, EffectLedger
+from goclaw.agent.events import RunEvents
+from goclaw.agent.routing import CallHooks, CallRecord, ContextOverflow, ModelError, ModelRouter
+from goclaw.agent.sessions import History, SessionStore
+from goclaw.agent.tools import (
+    AllowListedTools,
+    PolicyHook,
+    ToolContext,
+    ToolError,
+    ToolLimits,
+    get_tool,
+    invoke,
+    parse_arguments,
+    tools_for,
+)
+from goclaw.context import TaskContext
+from goclaw.errors import PermanentTaskError, TaskCanceled
+
+log = logging.getLogger(__name__)
+
+#: Tool calls of one reply run in parallel, up to this many at once.
+MAX_PARALLEL_TOOLS = 8
+#: The same call, arguments and result this many times ends the turn (a repeat first warns).
+REPEAT_LIMIT = 3
+REPEATED = "repeated_call"
+#: Provider overflows in a row the turn compacts for before it gives up.
+MAX_OVERFLOW_COMPACTIONS = 2
+
+
+class RunFailed(Exception):
+    """A turn failed in a way a later attempt may fix (the broker retries it)."""
+
+
+@dataclasses.dataclass
+class AgentServices:
+    """What every turn in a worker process shares."""
+
+    sessions: SessionStore
+    effects: EffectLedger
+    router: ModelRouter
+    tool_limits: ToolLimits = dataclasses.field(default_factory=ToolLimits)
+    policy_for: Callable[[AgentDefinition], PolicyHook] = lambda agent: AllowListedTools(
+        agent.settings.tools
+    )
+    #: Event coalescing (see RunEvents); short in tests, 50 ms by default.
+    coalesce_seconds: float = 0.05
+
+
+@dataclasses.dataclass(frozen=True)
+class TurnResult:
+    session_key: str
+    reply: str
+    model: str | None
+    iterations: int
+    tool_calls: int
+
+    def as_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class AgentTurn:
+    """One attempt at one turn of ``agent`` in ``session_key``, answering ``prompt``."""
+
+    def __init__(
+        self,
+        services: AgentServices,
+        ctx: TaskContext,
+        agent: AgentDefinition,
+        *,
+        session_key: str,
+        prompt: str,
+        worker: str | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.services = services
+        self.ctx = ctx
+        self.agent = agent
+        self.session_key = session_key
+        self.prompt = prompt
+        self.clock = clock
+        self.task_id = ctx.task_id
+        self.sessions = services.sessions
+        self.events = RunEvents(
+            services.sessions.db,
+            services.sessions,
+            task_id=ctx.task_id,
+            session_key=session_key,
+            worker=worker,
+            coalesce_seconds=services.coalesce_seconds,
+        )
+        self.deadline = clock() + agent.settings.task_timeout_seconds
+        self.hooks = CallHooks(
+            on_delta=lambda delta, reply: self.events.chunk(delta, reply=reply),
+            on_failover=lambda event: self.events.emit("provider.failover", **event),
+            on_call=self._account,
+            check=self._check,
+        )
+        agent.workspace.mkdir(parents=True, exist_ok=True)
+        self.tool_context = ToolContext(
+            workspace=agent.workspace,
+            agent_id=agent.id,
+            task_id=ctx.task_id,
+            session_key=session_key,
+            limits=services.tool_limits,
+            policy=services.policy_for(agent),
+        )
+        self.tool_schemas = [t.schema() for t in tools_for(agent.settings.tools)]
+        self.model: str | None = None
+
+    # -- the turn ------------------------------------------------------------
+
+    def run(self) -> TurnResult:
+        self.sessions.ensure(self.session_key, self.agent.id)
+        self.events.emit(
+            "run.started",
+            agent=self.agent.id,
+            agent_version=self.agent.version,
+            attempt=self.ctx.attempt,
+            models=list(self.agent.models),
+        )
+        try:
+            result = self._run()
+        except TaskCanceled as exc:
+            self._failed("canceled", str(exc), retry=False)
+            raise
+        except PermanentTaskError as exc:
+            self._failed(exc.code, str(exc), retry=False)
+            raise
+        except ModelError as exc:
+            self._failed(exc.reason, str(exc), retry=exc.retryable)
+            if exc.retryable:
+                raise RunFailed(f"{exc.reason}: {exc}") from exc
+            raise PermanentTaskError(str(exc), code=exc.reason) from exc
+        except Exception as exc:
+            self._failed("error", f"{type(exc).__name__}: {exc}", retry=True)
+            raise
+        usage = self.sessions.usage(task_id=self.task_id)
+        self.events.emit(
+            "run.completed",
+            reply=result.reply,
+            model=result.model,
+            iterations=result.iterations,
+            tool_calls=result.tool_calls,
+            usage=usage.as_json(),
+            **self.events.stats(),
+        )
+        return result
+
+    def _run(self) -> TurnResult:
+        if not self.sessions.turn_messages(self.session_key, self.task_id):
+            self.sessions.append(
+                self.session_key, self.task_id, [{"role": "user", "content": self.prompt}]
+            )
+        overflows = 0
+        while True:
+            self._check()
+            history = self.sessions.history(self.session_key, self.task_id)
+            turn = [m for m in history.messages if m.task_id == self.task_id]
+            iterations = sum(1 for m in turn if m.role == "assistant")
+            calls_made = sum(len(m.message.get("tool_calls") or ()) for m in turn)
+            last = turn[-1].message if turn else None
+            if last and last["role"] == "assistant" and not last.get("tool_calls"):
+                return TurnResult(
+                    self.session_key, last.get("content") or "", self.model, iterations, calls_made
+                )
+            if last and last["role"] == "assistant":
+                self._act(last["tool_calls"], turn)
+                continue
+            if iterations >= self.agent.settings.max_iterations:
+                raise PermanentTaskError(
+                    f"the turn reached max_iterations ({self.agent.settings.max_iterations}) "
+                    "without a final answer",
+                    code="max_iterations",
+                )
+            offer_tools = calls_made < self.agent.settings.max_tool_calls
+            messages = self._request(history, offer_tools)
+            if self._needs_compaction(messages, offer_tools) and self._compact(history):
+                continue
+            try:
+                reply = self.services.router.complete(
+                    self.agent,
+                    messages,
+                    tools=self.tool_schemas if offer_tools else (),
+                    hooks=self.hooks,
+                    deadline=self.deadline,
+                )
+            except ContextOverflow as exc:
+                overflows += 1
+                if overflows > MAX_OVERFLOW_COMPACTIONS or not self._compact(history):
+                    raise PermanentTaskError(
+                        f"the conversation does not fit the model's context window even after "
+                        f"compaction ({exc})",
+                        code="context_overflow",
+                    ) from exc
+                continue
+            overflows = 0
+            self.model = reply.model
+            self.events.flush()
+            self.sessions.append(self.session_key, self.task_id, [reply.message()])
+
+    # -- think ---------------------------------------------------------------
+
+    def _request(self, history: History, offer_tools: bool) -> list[dict[str, Any]]:
+        system = self.agent.system_prompt
+        if history.summary:
+            system = f"{system}\n\nSummary of the conversation so far:\n{history.summary}"
+        messages = [{"role": "system", "content": system}, *history.openai_messages()]
+        if not offer_tools and self.tool_schemas:
+            messages.append(
+                {
+                    "role": "system",
+                    "content": "The tool-call budget for this turn is spent: answer now "
+                    "with what you have.",
+                }
+            )
+        return messages
+
+    def _needs_compaction(self, messages: list[dict[str, Any]], offer_tools: bool) -> bool:
+        model = self.agent.models[0]
+        window = self.services.router.context_window(self.agent, model)
+        tools = self.tool_schemas if offer_tools else []
+        used = self.services.router.count_tokens(model, messages, tools)
+        return used > window * self.agent.settings.compact_at
+
+    def _compact(self, history: History) -> bool:
+        """Summarise (or drop) older messages; False when nothing more can go."""
+
+        def summarise(request: list[dict[str, Any]]) -> str:
+            reply = self.services.router.complete(
+                self.agent,
+                request,
+                hooks=dataclasses.replace(
+                    self.hooks, on_delta=lambda d, r: None, on_call=self._account_summary
+                ),
+                deadline=self.deadline,
+                stream=False,
+            )
+            return reply.content
+
+        done = compact(
+            history.messages,
+            previous_summary=history.summary,
+            keep_recent=self.agent.settings.keep_recent_messages,
+            summarise=summarise,
+        )
+        if done is None:
+            return False
+        self.sessions.compact(self.session_key, upto=done.upto, summary=done.summary)
+        self.events.emit(
+            "compaction", method=done.method, messages=done.messages, upto_seq=done.upto
+        )
+        return True
+
+    # -- act and observe -----------------------------------------------------
+
+    def _act(self, calls: list[dict[str, Any]], turn: list) -> None:
+        """Run a reply's tool calls (in parallel) and append their results in call order."""
+        earlier = _earlier_calls(turn)
+        budget = self.agent.settings.max_tool_calls - sum(
+            len(m.message.get("tool_calls") or ()) for m in turn[:-1] if m.role == "assistant"
+        )
+        for call in calls:
+            self.events.emit(
+                "tool.call",
+                id=call["id"],
+                name=call["function"]["name"],
+                arguments=call["function"]["arguments"],
+            )
+        workers = max(1, min(len(calls), MAX_PARALLEL_TOOLS))
+        with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="tool") as pool:
+            futures = [
+                pool.submit(self._call_tool, call, allowed=index < budget)
+                for index, call in enumerate(calls)
+            ]
+            outputs = [f.result() for f in futures]
+        results = []
+        for call, (content, error) in zip(calls, outputs, strict=True):
+            name = call["function"]["name"]
+            key = (name, _canonical(call["function"]["arguments"]), _digest(content))
+            if error is None:
+                earlier[key] += 1
+                if earlier[key] >= REPEAT_LIMIT:
+                    raise PermanentTaskError(
+                        f"the model called {name} with the same arguments {earlier[key]} times "
+                        "and got the same result each time",
+                        code="repeated_tool_call",
+                    )
+                if earlier[key] == REPEAT_LIMIT - 1:
+                    error = REPEATED
+                    content = json.dumps(
+                        {
+                            "error": REPEATED,
+                            "message": "this exact call already returned this exact result "
+                            "earlier in the turn; use that result instead of calling again",
+                            "result_digest": key[2],
+                        }
+                    )
+            self.events.emit(
+                "tool.result",
+                id=call["id"],
+                name=name,
+                ok=error is None,
+                error=error,
+                content=content[:2000],
+            )
+            results.append({"role": "tool", "tool_call_id": call["id"], "content": content})
+        self.sessions.append(self.session_key, self.task_id, results)
+
+    def _call_tool(self, call: dict[str, Any], *, allowed: bool) -> tuple[str, str | None]:
+        """The tool message content for one call, and its error code (None on success)."""
+        name = call["function"]["name"]
+        try:
+            if not allowed:
+                raise ToolError(
+                    "budget_exhausted",
+                    f"the tool-call budget of this turn ({self.agent.settings.max_tool_calls}) "
+                    "is spent",
+                )
+            tool = get_tool(name, self.agent.settings.tools)
+            arguments = parse_arguments(tool, call["function"]["arguments"])
+            if not tool.side_effect:
+                return _tool_output(invoke(tool, self.tool_context, arguments)), None
+            ledger = self.services.effects
+            recorded = ledger.begin(self.task_id, call["id"], name, arguments)
+            if recorded is not None:
+                if recorded.state == "done":
+                    return _tool_output(recorded.result), None
+                raise ToolError(
+                    INTERRUPTED,
+                    "an earlier attempt of this turn crashed while this call was running, so "
+                    "whether it took effect is unknown; it was not run again. Check the "
+                    "workspace before retrying it.",
+                )
+            try:
+                result = invoke(tool, self.tool_context, arguments)
+            except ToolError as exc:
+                ledger.finish(self.task_id, call["id"], {"error": exc.code, "message": exc.message})
+                raise
+            ledger.finish(self.task_id, call["id"], result)
+            return _tool_output(result), None
+        except ToolError as exc:
+            return _tool_error(exc.code, exc.message), exc.code
+
+    # -- bookkeeping ---------------------------------------------------------
+
+    def _check(self) -> None:
+        self.ctx.check()
+        if self.clock() > self.deadline:
+            raise PermanentTaskError(
+                f"the turn ran past task_timeout_seconds "
+                f"({self.agent.settings.task_timeout_seconds:g})",
+                code="task_timeout",
+            )
+
+    def _account(self, record: CallRecord, purpose: str = "turn") -> None:
+        self.sessions.record_model_call(
+            task_id=self.task_id,
+            session_key=self.session_key,
+            agent_id=self.agent.id,
+            model=record.model,
+            purpose=purpose,
+            outcome=record.outcome,
+            prompt_tokens=record.prompt_tokens,
+            completion_tokens=record.completion_tokens,
+            cost=record.cost,
+            latency_ms=record.latency_ms,
+        )
+
+    def _account_summary(self, record: CallRecord) -> None:
+        self._account(record, purpose="compaction")
+
+    def _failed(self, reason: str, message: str, *, retry: bool) -> None:
+        try:
+            self.events.emit(
+                "run.failed",
+                reason=reason,
+                error=message[:2000],
+                will_retry=retry,
+                **self.events.stats(),
+            )
+        except Exception:  # the database may be why the run failed: never mask that
+            log.exception("could not record run.failed for task %s", self.task_id)
+
+
+def _earlier_calls(turn: list) -> Counter:
+    """(tool, arguments, result) of every call this turn has already completed."""
+    asked: dict[str, tuple[str, str]] = {}
+    seen: Counter = Counter()
+    for stored in turn:
+        message = stored.message
+        for call in message.get("tool_calls") or ():
+            function = call["function"]
+            asked[call["id"]] = (function["name"], _canonical(function["arguments"]))
+        if stored.role == "tool" and message.get("tool_call_id") in asked:
+            name, arguments = asked[message["tool_call_id"]]
+            content = message.get("content") or ""
+            seen[(name, arguments, _repeated_digest(content) or _digest(content))] += 1
+    return seen
+
+
+def _repeated_digest(content: str) -> str | None:
+    """The result a ``repeated_call`` warning stood in for (it counts as that result)."""
+    if REPEATED not in content:
+        return None
+    try:
+        data = json.loads(content)
+    except ValueError:
+        return None
+    if isinstance(data, dict) and data.get("error") == REPEATED:
+        return data.get("result_digest")
+    return None
+
+
+def _canonical(arguments: Any) -> str:
+    try:
+        value = json.loads(arguments) if isinstance(arguments, str) else arguments
+        return json.dumps(value, sort_keys=True, separators=(",", ":"))
+    except (TypeError, ValueError):
+        return str(arguments)
+
+
+def _digest(content: str) -> str:
+    return hashlib.sha256(content.encode()).hexdigest()[:16]
+
+
+def _tool_output(result: Any) -> str:
+    if isinstance(result, str):
+        return result
+    return json.dumps(result, ensure_ascii=False, default=str)
+
+
+def _tool_error(code: str, message: str) -> str:
+    return json.dumps({"error": code, "message": message}, ensure_ascii=False)

@@ -1,0 +1,115 @@
+"""The ``agent`` task kind: what a worker process needs to run agent turns.
+
+One ``AgentRuntime`` per worker process holds what turns share: the agent
+catalog (hot-reloaded from config.yaml), the model router with its circuit
+breaker, the session store and the effect ledger. Each turn takes the
+catalog's current definition when it starts and keeps it to the end, so an
+edit never changes a running turn.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+from goclaw.agent.definitions import AgentCatalog, AgentDefinition, UnknownAgent
+from goclaw.agent.effects import EffectLedger
+from goclaw.agent.loop import AgentServices, AgentTurn
+from goclaw.agent.routing import ModelRouter
+from goclaw.agent.sessions import SessionStore
+from goclaw.agent.tools import BUILTIN_TOOLS
+from goclaw.agent.turns import AGENT_KIND
+from goclaw.app import App
+from goclaw.config import Config
+from goclaw.context import TaskContext
+from goclaw.errors import PermanentTaskError
+
+log = logging.getLogger(__name__)
+
+
+class AgentRuntime:
+    def __init__(
+        self,
+        config: Config,
+        app: App,
+        *,
+        env: Mapping[str, str] | None = None,
+        services: AgentServices | None = None,
+    ) -> None:
+        env = os.environ if env is None else env
+        # Fails closed: a worker with an invalid agent config does not start.
+        self.catalog = AgentCatalog.from_config(config, env, BUILTIN_TOOLS)
+        db = app.broker.db
+        self.services = services or AgentServices(
+            sessions=SessionStore(db),
+            effects=EffectLedger(db),
+            router=ModelRouter(env=env),
+        )
+        self._slots: dict[tuple[str, int], threading.BoundedSemaphore] = {}
+        self._slots_lock = threading.Lock()
+
+    def warm_up(self) -> None:
+        """Import LiteLLM in the background, so the first turn does not wait seconds for it."""
+        from goclaw.agent.routing import import_litellm
+
+        threading.Thread(target=import_litellm, name="litellm-import", daemon=True).start()
+
+    def run_turn(
+        self, ctx: TaskContext, *, prompt: str, agent: str, session: str
+    ) -> dict[str, Any]:
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise PermanentTaskError("an agent turn needs a non-empty prompt")
+        if not isinstance(session, str) or not session:
+            raise PermanentTaskError("an agent turn needs a session key")
+        try:
+            definition = self.catalog.current().get(agent)
+        except UnknownAgent as exc:
+            raise PermanentTaskError(str(exc), code="unknown_agent") from exc
+        with self._slot(ctx, definition):
+            turn = AgentTurn(
+                self.services,
+                ctx,
+                definition,
+                session_key=session,
+                prompt=prompt,
+                worker=ctx.claim.owner,
+            )
+            return turn.run().as_json()
+
+    def _slot(self, ctx: TaskContext, agent: AgentDefinition) -> _Slot:
+        """Honour the agent's ``concurrency`` within this worker process."""
+        key = (agent.id, agent.settings.concurrency)
+        with self._slots_lock:
+            semaphore = self._slots.setdefault(
+                key, threading.BoundedSemaphore(agent.settings.concurrency)
+            )
+        return _Slot(semaphore, ctx)
+
+
+class _Slot:
+    def __init__(self, semaphore: threading.BoundedSemaphore, ctx: TaskContext) -> None:
+        self.semaphore = semaphore
+        self.ctx = ctx
+
+    def __enter__(self) -> None:
+        while not self.semaphore.acquire(timeout=0.25):
+            self.ctx.check()
+
+    def __exit__(self, *exc: object) -> None:
+        self.semaphore.release()
+
+
+def register_agent_kind(
+    app: App, config: Config, *, env: Mapping[str, str] | None = None
+) -> AgentRuntime:
+    """Add the ``agent`` kind to ``app``; its arguments are prompt, agent and session."""
+    runtime = AgentRuntime(config, app, env=env)
+
+    @app.kind(AGENT_KIND)
+    def agent(ctx: TaskContext, prompt: str, agent: str, session: str) -> dict[str, Any]:
+        return runtime.run_turn(ctx, prompt=prompt, agent=agent, session=session)
+
+    return runtime

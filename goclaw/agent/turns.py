@@ -1,0 +1,135 @@
+"""Submitting agent turns and following them, for the CLI and the gateway.
+
+Nothing here imports LiteLLM or runs a model: a turn is a durable task of
+kind ``agent``, and following it means reading its events from the database
+(``run.started``, ``chunk``, ``tool.call``, ``tool.result``, ``run.completed``,
+``run.failed``, and the task's own state changes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from goclaw.broker import Broker
+from goclaw.records import Submitted, TaskEvent
+from goclaw.states import TERMINAL, TaskState
+
+AGENT_KIND = "agent"
+
+
+def new_session_key(agent_id: str) -> str:
+    return f"{agent_id}-{uuid.uuid4().hex[:12]}"
+
+
+def submit_turn(
+    broker: Broker,
+    *,
+    agent: str,
+    prompt: str,
+    session: str | None = None,
+    queue: str = "default",
+    idempotency_key: str | None = None,
+    max_attempts: int | None = None,
+) -> tuple[Submitted, str]:
+    """Queue one turn; returns the task and the session key (a new one unless given)."""
+    if not prompt.strip():
+        raise ValueError("the prompt is empty")
+    session = session or new_session_key(agent)
+    [submitted] = broker.submit(
+        AGENT_KIND,
+        {"prompt": prompt, "agent": agent, "session": session},
+        queue=queue,
+        idempotency_key=idempotency_key,
+        max_attempts=max_attempts,
+    )
+    return submitted, session
+
+
+def follow(
+    broker: Broker,
+    task_id: int,
+    *,
+    timeout: float | None = None,
+    poll_seconds: float = 0.05,
+    clock: Callable[[], float] = time.monotonic,
+) -> Iterator[TaskEvent]:
+    """Yield the task's events as they are written, until it reaches a final state.
+
+    Raises ``TimeoutError`` if it has not ended within ``timeout`` seconds.
+    """
+    deadline = None if timeout is None else clock() + timeout
+    after = 0
+    while True:
+        events = broker.events(task_id, after=after)
+        for event in events:
+            after = event.event_id
+            yield event
+        if not events:
+            if TaskState(broker.get(task_id).state) in TERMINAL:
+                # One last read: events committed just before the final state.
+                for event in broker.events(task_id, after=after):
+                    after = event.event_id
+                    yield event
+                return
+            if deadline is not None and clock() > deadline:
+                raise TimeoutError(f"task {task_id} did not finish within {timeout:g}s")
+            time.sleep(poll_seconds)
+
+
+@dataclasses.dataclass(frozen=True)
+class TurnOutcome:
+    state: TaskState
+    reply: str | None
+    error: str | None
+    result: dict[str, Any] | None
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "state": self.state.value,
+            "reply": self.reply,
+            "error": self.error,
+            "result": self.result,
+        }
+
+
+def follow_turn(
+    broker: Broker,
+    task_id: int,
+    *,
+    timeout: float | None = None,
+    on_text: Callable[[str], None] | None = None,
+    on_note: Callable[[str], None] | None = None,
+) -> TurnOutcome:
+    """Stream a turn's reply text (``on_text``) and its tool use and failovers (``on_note``)."""
+    reply_index: int | None = None
+    for event in follow(broker, task_id, timeout=timeout):
+        data = event.data or {}
+        if event.type == "chunk":
+            if reply_index is not None and data.get("reply") != reply_index and on_text:
+                on_text("\n")
+            reply_index = data.get("reply")
+            if on_text:
+                on_text(str(data.get("delta", "")))
+        elif on_note is None:
+            continue
+        elif event.type == "tool.call":
+            on_note(f"→ {data.get('name')}({data.get('arguments')})")
+        elif event.type == "tool.result" and not data.get("ok"):
+            on_note(f"← {data.get('name')}: {data.get('error')}")
+        elif event.type == "provider.failover":
+            on_note(
+                f"model {data.get('from')} failed ({data.get('reason')}); "
+                f"continuing on {data.get('to')}"
+            )
+        elif event.type == "run.failed" and data.get("will_retry"):
+            on_note(f"attempt failed ({data.get('reason')}); it will be retried")
+    task = broker.get(task_id)
+    result = json.loads(task.result) if task.result else None
+    result = result if isinstance(result, dict) else None
+    reply = result.get("reply") if result else None
+    return TurnOutcome(TaskState(task.state), reply, task.last_error, result)
