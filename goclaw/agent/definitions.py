@@ -168,6 +168,10 @@ def _stamp(path: Path) -> _Stamp:
     return (st.st_mtime_ns, st.st_size, st.st_ino)
 
 
+#: How stale a worker's view of config.yaml may be: edits are seen within this.
+RELOAD_CHECK_SECONDS = 1.0
+
+
 class AgentCatalog:
     """The latest valid ``Catalog``, reloaded when config.yaml or a prompt file changes.
 
@@ -190,7 +194,7 @@ class AgentCatalog:
         env: Mapping[str, str],
         known_tools: Collection[str],
         *,
-        check_interval: float = 1.0,
+        check_interval: float = RELOAD_CHECK_SECONDS,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """Load once, now; a ``ConfigError`` here propagates: startup fails closed."""

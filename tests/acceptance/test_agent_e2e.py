@@ -8,12 +8,14 @@ sent by a tool's own shell command to its parent, the worker).
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import yaml
 
+from goclaw.agent.definitions import RELOAD_CHECK_SECONDS
 from goclaw.agent.sessions import SessionStore
 from goclaw.agent.turns import submit_turn
 from goclaw.fake_llm import FakeLLM, Script
@@ -174,3 +176,45 @@ def test_sigkill_after_write_file_replays_instead_of_rewriting(make_stack, fake)
     assert json.loads(task.result)["reply"] == "written once"
     roles = [m["role"] for m in turn_messages(stack, session, task_id)]
     assert roles == ["user", "assistant", "tool", "assistant"]
+
+
+def test_running_worker_picks_up_config_edits_and_running_turns_keep_theirs(make_stack, fake):
+    slow = {"content": "old definition, slowly " * 4, "chunk_delay": 0.05}
+    script = {
+        "models": {
+            "first": [slow],
+            "second": [{"content": "new model answers"}],
+            "helper": [{"content": "the added agent answers"}],
+        }
+    }
+    stack = agent_stack(make_stack, fake, script, model="openai/first")
+    stack.worker()
+    running, _ = submit_turn(stack.broker, agent="default", prompt="one")
+    wait_for(lambda: events_of(stack, running.task_id, "chunk"), timeout=20, what="streaming")
+
+    server, base_url = fake
+    config = yaml.safe_load((stack.home / "config.yaml").read_text())
+    config["agents"]["default"]["model"] = "openai/second"
+    config["agents"]["helper"] = {"model": "openai/helper"}
+    config["models"].update({m: {"api_base": base_url} for m in ("openai/second", "openai/helper")})
+    (stack.home / "config.yaml").write_text(yaml.safe_dump(config))
+    time.sleep(RELOAD_CHECK_SECONDS + 0.1)  # the longest a worker may take to look
+
+    changed = stack.cli_json("submit", "two", "--wait", "--timeout", "30")
+    added = stack.cli_json("submit", "three", "--agent", "helper", "--wait", "--timeout", "30")
+    first = stack.wait_terminal([running.task_id])[running.task_id]
+    assert json.loads(first.result)["model"] == "openai/first"
+    assert changed["reply"] == "new model answers"
+    assert added["reply"] == "the added agent answers"
+    [old_start] = events_of(stack, running.task_id, "run.started")
+    [new_start] = events_of(stack, changed["task_id"], "run.started")
+    assert old_start["agent_version"] != new_start["agent_version"]
+
+    del config["agents"]["helper"]
+    (stack.home / "config.yaml").write_text(yaml.safe_dump(config))
+    removed = stack.cli("submit", "four", "--agent", "helper", check=False)
+    assert removed.returncode == 1 and "unknown agent 'helper'" in removed.stderr
+    time.sleep(RELOAD_CHECK_SECONDS + 0.1)
+    queued, _ = submit_turn(stack.broker, agent="helper", prompt="submitted around the CLI")
+    gone = stack.wait_terminal([queued.task_id])[queued.task_id]
+    assert gone.state == TaskState.FAILED and gone.reason == "unknown_agent"
