@@ -14,10 +14,18 @@ export LITELLM_LOCAL_MODEL_COST_MAP := True
 
 install: $(STAMP)
 
+# llama-cpp-python (the `local` extra, a real model offline) only comes as source. A native
+# build enables AVX512/AMX on these VMs and segfaults in llama_decode; this portable AVX2 build
+# works here and on other x86-64 CPUs. It compiles once (4-5 min on 2 cores); pip then reuses
+# the wheel from its cache, whatever CMAKE_ARGS say (`pip cache remove llama_cpp_python` to redo).
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+	-DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
+
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check \
-		-c constraints.txt -e '.[dev,postgres]'
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=2 \
+		$(BIN)/python -m pip install --quiet --disable-pip-version-check \
+		-c constraints.txt -e '.[dev,postgres,local]'
 	touch $(STAMP)
 
 run: $(STAMP)
@@ -33,6 +41,7 @@ test: lint
 
 bench: $(STAMP)
 	$(BIN)/goclaw bench queue --tasks 2000 --workers 2
+	$(BIN)/goclaw bench agent --turns 100
 
 clean:
 	rm -rf $(VENV) $(DEMO_HOME) .pytest_cache .ruff_cache .hypothesis

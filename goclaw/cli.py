@@ -720,6 +720,32 @@ def bench_queue(
     console.print(table)
 
 
+
+@bench.command("agent")
+@click.option("--turns", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True)
+@click.option("--workdir", type=click.Path(file_okay=False), help="[default: a temp dir]")
+@json_option
+@command
+def bench_agent(turns: int, warmup: int, workdir: str | None, as_json: bool) -> None:
+    """Per-turn overhead of a goclaw agent turn vs a direct LiteLLM call (same fake server)."""
+    from goclaw.bench_agent import run_agent_bench
+
+    result = run_agent_bench(
+        turns=turns,
+        warmup=warmup,
+        workdir=workdir,
+        progress=None if as_json else lambda msg: err_console.print(f"[dim]{msg}[/]"),
+    )
+    if as_json:
+        emit_json(result)
+        return
+    table = Table("measure", "value")
+    for key, value in result.items():
+        table.add_row(key, f"{value:.2f}" if isinstance(value, float) else str(value))
+    console.print(table)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
 

@@ -50,6 +50,8 @@ HOSTED_MODEL = "openai/gpt-4o-mini"
 HOSTED_MODEL_KEY_ENV = "OPENAI_API_KEY"
 IMPLICIT_TOOLS = ("read_file", "write_file", "list_dir")
 IMPLICIT_SYSTEM_PROMPT = "You are a helpful assistant."
+#: SmolLM2-135M drifts into French and rambles unless told this (measured).
+LOCAL_SYSTEM_PROMPT = "You are a helpful assistant. Answer in one short English sentence."
 
 
 @dataclasses.dataclass(frozen=True)
@@ -407,9 +409,11 @@ def _implicit_default_agent(env: Mapping[str, str]) -> dict[str, Any]:
     """The agent a config without agents gets: hosted when a key is at hand, else local."""
     if env.get(HOSTED_MODEL_KEY_ENV):
         models: dict[str, Any] = {"model": HOSTED_MODEL, "fallbacks": [LOCAL_MODEL]}
+        prompt = IMPLICIT_SYSTEM_PROMPT
     else:
         models = {"model": LOCAL_MODEL, "fallbacks": []}
-    return {**models, "tools": list(IMPLICIT_TOOLS), "system_prompt": IMPLICIT_SYSTEM_PROMPT}
+        prompt = LOCAL_SYSTEM_PROMPT
+    return {**models, "tools": list(IMPLICIT_TOOLS), "system_prompt": prompt}
 
 
 def _build_agents(

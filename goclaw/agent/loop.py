@@ -116,6 +116,8 @@ class AgentTurn:
         self.clock = clock
         self.task_id = ctx.task_id
         self.sessions = services.sessions
+        self.db = services.sessions.db
+        self._calls: list[tuple[CallRecord, str]] = []
         self.events = RunEvents(
             services.sessions.db,
             services.sessions,
@@ -146,16 +148,21 @@ class AgentTurn:
     # -- the turn ------------------------------------------------------------
 
     def run(self) -> TurnResult:
-        self.sessions.ensure(self.session_key, self.agent.id)
-        self.events.emit(
-            "run.started",
-            agent=self.agent.id,
-            agent_version=self.agent.version,
-            attempt=self.ctx.attempt,
-            models=list(self.agent.models),
-        )
+        with self.db.transaction():  # one commit: the session, run.started, the user message
+            self.sessions.ensure(self.session_key, self.agent.id)
+            self.events.emit(
+                "run.started",
+                agent=self.agent.id,
+                agent_version=self.agent.version,
+                attempt=self.ctx.attempt,
+                models=list(self.agent.models),
+            )
+            if not self.sessions.turn_messages(self.session_key, self.task_id):
+                self.sessions.append(
+                    self.session_key, self.task_id, [{"role": "user", "content": self.prompt}]
+                )
         try:
-            result = self._run()
+            return self._run()
         except TaskCanceled as exc:
             self._failed("canceled", str(exc), retry=False)
             raise
@@ -170,23 +177,8 @@ class AgentTurn:
         except Exception as exc:
             self._failed("error", f"{type(exc).__name__}: {exc}", retry=True)
             raise
-        usage = self.sessions.usage(task_id=self.task_id)
-        self.events.emit(
-            "run.completed",
-            reply=result.reply,
-            model=result.model,
-            iterations=result.iterations,
-            tool_calls=result.tool_calls,
-            usage=usage.as_json(),
-            **self.events.stats(),
-        )
-        return result
 
     def _run(self) -> TurnResult:
-        if not self.sessions.turn_messages(self.session_key, self.task_id):
-            self.sessions.append(
-                self.session_key, self.task_id, [{"role": "user", "content": self.prompt}]
-            )
         overflows = 0
         while True:
             self._check()
@@ -196,9 +188,9 @@ class AgentTurn:
             calls_made = sum(len(m.message.get("tool_calls") or ()) for m in turn)
             last = turn[-1].message if turn else None
             if last and last["role"] == "assistant" and not last.get("tool_calls"):
-                return TurnResult(
-                    self.session_key, last.get("content") or "", self.model, iterations, calls_made
-                )
+                # An earlier attempt wrote the final reply and crashed before reporting.
+                with self.db.transaction():
+                    return self._completed(last.get("content") or "", iterations, calls_made)
             if last and last["role"] == "assistant":
                 self._act(last["tool_calls"], turn)
                 continue
@@ -231,8 +223,28 @@ class AgentTurn:
                 continue
             overflows = 0
             self.model = reply.model
-            self.events.flush()
-            self.sessions.append(self.session_key, self.task_id, [reply.message()])
+            # One commit: the last chunks, the reply, its accounting (and the end of the run).
+            with self.db.transaction():
+                self.events.flush()
+                self._write_calls()
+                self.sessions.append(self.session_key, self.task_id, [reply.message()])
+                if not reply.tool_calls:
+                    return self._completed(reply.content, iterations + 1, calls_made)
+
+    def _completed(self, reply: str, iterations: int, calls_made: int) -> TurnResult:
+        """Record run.completed (inside the caller's transaction) and build the result."""
+        result = TurnResult(self.session_key, reply, self.model, iterations, calls_made)
+        self._write_calls()
+        self.events.emit(
+            "run.completed",
+            reply=result.reply,
+            model=result.model,
+            iterations=result.iterations,
+            tool_calls=result.tool_calls,
+            usage=self.sessions.usage(task_id=self.task_id).as_json(),
+            **self.events.stats(),
+        )
+        return result
 
     # -- think ---------------------------------------------------------------
 
@@ -253,10 +265,15 @@ class AgentTurn:
 
     def _needs_compaction(self, messages: list[dict[str, Any]], offer_tools: bool) -> bool:
         model = self.agent.models[0]
-        window = self.services.router.context_window(self.agent, model)
+        budget = self.services.router.context_window(self.agent, model) * (
+            self.agent.settings.compact_at
+        )
         tools = self.tool_schemas if offer_tools else []
-        used = self.services.router.count_tokens(model, messages, tools)
-        return used > window * self.agent.settings.compact_at
+        # A token is at least one byte of UTF-8: a request with fewer bytes than the
+        # budget fits, and the tokenizer (milliseconds per call) is not needed.
+        if len(json.dumps([messages, tools], ensure_ascii=False).encode()) <= budget:
+            return False
+        return self.services.router.count_tokens(model, messages, tools) > budget
 
     def _compact(self, history: History) -> bool:
         """Summarise (or drop) older messages; False when nothing more can go."""
@@ -281,10 +298,12 @@ class AgentTurn:
         )
         if done is None:
             return False
-        self.sessions.compact(self.session_key, upto=done.upto, summary=done.summary)
-        self.events.emit(
-            "compaction", method=done.method, messages=done.messages, upto_seq=done.upto
-        )
+        with self.db.transaction():
+            self._write_calls()
+            self.sessions.compact(self.session_key, upto=done.upto, summary=done.summary)
+            self.events.emit(
+                "compaction", method=done.method, messages=done.messages, upto_seq=done.upto
+            )
         return True
 
     # -- act and observe -----------------------------------------------------
@@ -340,7 +359,9 @@ class AgentTurn:
                 content=content[:2000],
             )
             results.append({"role": "tool", "tool_call_id": call["id"], "content": content})
-        self.sessions.append(self.session_key, self.task_id, results)
+        with self.db.transaction():
+            self._write_calls()
+            self.sessions.append(self.session_key, self.task_id, results)
 
     def _call_tool(self, call: dict[str, Any], *, allowed: bool) -> tuple[str, str | None]:
         """The tool message content for one call, and its error code (None on success)."""
@@ -389,31 +410,39 @@ class AgentTurn:
             )
 
     def _account(self, record: CallRecord, purpose: str = "turn") -> None:
-        self.sessions.record_model_call(
-            task_id=self.task_id,
-            session_key=self.session_key,
-            agent_id=self.agent.id,
-            model=record.model,
-            purpose=purpose,
-            outcome=record.outcome,
-            prompt_tokens=record.prompt_tokens,
-            completion_tokens=record.completion_tokens,
-            cost=record.cost,
-            latency_ms=record.latency_ms,
-        )
+        """Keep a model call's figures for the next commit (never a commit of its own)."""
+        self._calls.append((record, purpose))
 
     def _account_summary(self, record: CallRecord) -> None:
         self._account(record, purpose="compaction")
 
+    def _write_calls(self) -> None:
+        calls, self._calls = self._calls, []
+        for record, purpose in calls:
+            self.sessions.record_model_call(
+                task_id=self.task_id,
+                session_key=self.session_key,
+                agent_id=self.agent.id,
+                model=record.model,
+                purpose=purpose,
+                outcome=record.outcome,
+                prompt_tokens=record.prompt_tokens,
+                completion_tokens=record.completion_tokens,
+                cost=record.cost,
+                latency_ms=record.latency_ms,
+            )
+
     def _failed(self, reason: str, message: str, *, retry: bool) -> None:
         try:
-            self.events.emit(
-                "run.failed",
-                reason=reason,
-                error=message[:2000],
-                will_retry=retry,
-                **self.events.stats(),
-            )
+            with self.db.transaction():
+                self._write_calls()
+                self.events.emit(
+                    "run.failed",
+                    reason=reason,
+                    error=message[:2000],
+                    will_retry=retry,
+                    **self.events.stats(),
+                )
         except Exception:  # the database may be why the run failed: never mask that
             log.exception("could not record run.failed for task %s", self.task_id)
 

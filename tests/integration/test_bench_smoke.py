@@ -48,3 +48,17 @@ def test_bench_keeps_its_files_in_a_given_dir(tmp_path: Path) -> None:
     assert (run_dir / "goclaw-home" / "goclaw.db").exists()
     assert (run_dir / "goclaw-worker-1.log").exists()
     assert (run_dir / "huey" / "bench_huey_app.py").exists()
+
+
+@pytest.mark.slow
+def test_agent_bench_measures_both_sides(tmp_path: Path) -> None:
+    from goclaw.bench_agent import run_agent_bench
+
+    result = run_agent_bench(turns=3, warmup=1, workdir=str(tmp_path))
+    for key in ("direct_p50_ms", "goclaw_p50_ms", "worker_overhead_p50_ms"):
+        assert result[key] > 0, key
+    assert result["added_p50_ms"] == pytest.approx(
+        result["goclaw_p50_ms"] - result["direct_p50_ms"], abs=0.02
+    )
+    assert result["event_writes_per_turn"] >= 1 and result["chunk_deltas_per_turn"] > 1
+    assert result["worker_rss_idle_mb"] > 50 and result["worker_rss_after_mb"] > 50

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from goclaw.agent.definitions import AgentCatalog, UnknownAgent, build_catalog
-from goclaw.config import ModelSettings, load_config
+from goclaw.config import LOCAL_SYSTEM_PROMPT, ModelSettings, load_config
 from goclaw.errors import ConfigError
 
 TOOLS = ("read_file", "write_file", "list_dir", "exec", "web_fetch")
@@ -125,7 +125,7 @@ def test_unknown_agent_lists_the_known_ones(files):
 def test_implicit_default_agent_resolves_with_builtin_tools(files):
     agent = catalog_of(files.home).get("default")
     assert agent.models == ("local/smollm2",)
-    assert agent.system_prompt == "You are a helpful assistant."
+    assert agent.system_prompt == LOCAL_SYSTEM_PROMPT
     hosted = catalog_of(files.home, env={"OPENAI_API_KEY": "k"}).get("default")
     assert hosted.models == ("openai/gpt-4o-mini", "local/smollm2")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from goclaw.config import load_config, render_defaults, resolve_home
+from goclaw.config import LOCAL_SYSTEM_PROMPT, load_config, render_defaults, resolve_home
 from goclaw.errors import ConfigError
 
 
@@ -354,7 +354,7 @@ def test_implicit_default_agent_without_a_key_is_local(tmp_path):
         agent = agents["default"]
         assert agent.model == "local/smollm2" and agent.fallbacks == ()
         assert agent.tools == ("read_file", "write_file", "list_dir")
-        assert agent.system_prompt == "You are a helpful assistant."
+        assert agent.system_prompt == LOCAL_SYSTEM_PROMPT
 
 
 def test_implicit_default_agent_with_a_key_is_hosted_with_local_fallback(tmp_path):

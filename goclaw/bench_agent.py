@@ -1,0 +1,233 @@
+"""``goclaw bench agent``: what goclaw adds to a model call, measured in one run.
+
+A user who does not use goclaw calls LiteLLM directly. One run therefore
+measures, against the same fake model server (``goclaw dev fake-llm`` in its
+own process, streaming the same reply every time):
+
+* **direct**: ``litellm.completion(..., stream=True)`` from this process,
+  as most code calls it, the stream read to the end;
+* **goclaw**: the same request as a one-iteration agent turn: submit, the
+  doorbell, a real ``goclaw worker`` claiming under a lease, the session
+  history read and written, the run's events (coalesced chunks included)
+  committed, and the task reported, all with ``synchronous=FULL``.
+
+The two alternate turn by turn, so disk and CPU drift hit both alike. The
+added latency is the difference of the medians. The worker's own figures
+(task created to finished, minus the model call it recorded) give the same
+overhead from the server's side. Also reported: the worker's RSS at idle
+and after the turns, and what durable streaming cost per turn.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from goclaw.bench import (
+    BenchError,
+    GoclawWorker,
+    Subprocess,
+    _goclaw_env,
+    _nearest_rank,
+    _open_bench_broker,
+    probe_fsync,
+)
+
+Progress = Callable[[str], None] | None
+
+#: The reply every request gets: about 75 tokens, streamed in 6-character chunks.
+REPLY = (
+    "A durable queue keeps every turn: it is leased, retried and recorded, and the reply "
+    "streams to whoever follows the session, live or later, in order and without gaps."
+)
+PROMPT = "Say something about durable queues."
+SYSTEM = "You are a helpful assistant."
+MODEL = "openai/bench"
+
+
+def run_agent_bench(
+    *, turns: int = 100, warmup: int = 5, workdir: str | None = None, progress: Progress = None
+) -> dict[str, Any]:
+    say = progress or (lambda message: None)
+    base = Path(workdir or tempfile.mkdtemp(prefix="goclaw-bench-agent-"))
+    home = base / "home"
+    home.mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    api_base = f"http://127.0.0.1:{port}/v1"
+    script = base / "script.yaml"
+    script.write_text(
+        yaml.safe_dump({"replies": [{"content": REPLY, "chunk_size": 6}], "repeat_last": True})
+    )
+    (home / "config.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "agents": {"bench": {"model": MODEL, "system_prompt": SYSTEM}},
+                "models": {MODEL: {"api_base": api_base}},
+            }
+        )
+    )
+    env = _goclaw_env(home)
+    fsync_before = probe_fsync(base / "fsync-probe.db")
+    server_cmd = [sys.executable, "-m", "goclaw.cli", "dev", "fake-llm", "--port", str(port)]
+    server_cmd += ["--script", str(script)]
+    with Subprocess("fake-llm", server_cmd, env, base, base / "fake-llm.log") as server:
+        server.wait_for(lambda: _answers(api_base), 30, "fake-llm start-up", poll=0.05)
+        broker = _open_bench_broker(home, env)
+        with GoclawWorker(home, env, 1, base / "worker.log", 60.0) as worker:
+            worker.wait_live(broker)
+            assert worker.proc is not None
+            pid = worker.proc.pid
+            say("waiting for the worker to finish importing LiteLLM")
+            rss_idle = _settled_rss(pid)
+            litellm = _import_litellm()
+            say(f"{warmup} warm-up turns each way, then {turns} measured, alternating")
+            direct_ms: list[float] = []
+            goclaw_ms: list[float] = []
+            task_ids: list[int] = []
+            for i in range(warmup + turns):
+                direct = _direct_call(litellm, api_base)
+                elapsed, task_id = _goclaw_turn(broker, worker, i)
+                if i >= warmup:
+                    direct_ms.append(direct)
+                    goclaw_ms.append(elapsed)
+                    task_ids.append(task_id)
+            rss_after = _rss_kb(pid)
+            server_side = [_server_overhead_ms(broker, t) for t in task_ids]
+            streaming = [_run_stats(broker, t) for t in task_ids]
+        broker.close()
+    fsync_after = probe_fsync(base / "fsync-probe.db")
+    for samples in (direct_ms, goclaw_ms, server_side):
+        samples.sort()
+    p50_direct = statistics.median(direct_ms)
+    p50_goclaw = statistics.median(goclaw_ms)
+    return {
+        "turns": turns,
+        "direct_p50_ms": round(p50_direct, 2),
+        "direct_p90_ms": round(_nearest_rank(direct_ms, 0.9), 2),
+        "goclaw_p50_ms": round(p50_goclaw, 2),
+        "goclaw_p90_ms": round(_nearest_rank(goclaw_ms, 0.9), 2),
+        "added_p50_ms": round(p50_goclaw - p50_direct, 2),
+        "added_target_ms": 10.0,
+        "worker_overhead_p50_ms": round(statistics.median(server_side), 2),
+        "worker_overhead_p90_ms": round(_nearest_rank(server_side, 0.9), 2),
+        "ratio_p50": round(p50_goclaw / p50_direct, 2),
+        "chunk_deltas_per_turn": round(statistics.mean(s["deltas"] for s in streaming), 1),
+        "event_writes_per_turn": round(statistics.mean(s["event_writes"] for s in streaming), 1),
+        "event_write_ms_per_turn": round(
+            statistics.mean(s["event_write_ms"] for s in streaming), 3
+        ),
+        "worker_rss_idle_mb": round(rss_idle / 1024, 1),
+        "worker_rss_after_mb": round(rss_after / 1024, 1),
+        "fsync_ms_before": round(fsync_before, 3),
+        "fsync_ms_after": round(fsync_after, 3),
+        "workdir": str(base),
+    }
+
+
+def _direct_call(litellm: Any, api_base: str) -> float:
+    started = time.perf_counter()
+    stream = litellm.completion(
+        model=MODEL,
+        api_base=api_base,
+        api_key="bench",
+        messages=[{"role": "system", "content": SYSTEM}, {"role": "user", "content": PROMPT}],
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    if text != REPLY:
+        raise BenchError(f"direct call: unexpected reply {text[:80]!r}")
+    return (time.perf_counter() - started) * 1000
+
+
+def _goclaw_turn(broker: Any, worker: GoclawWorker, index: int) -> tuple[float, int]:
+    from goclaw.agent.turns import submit_turn
+
+    started = time.perf_counter()
+    submitted, _ = submit_turn(
+        broker, agent="bench", prompt=PROMPT, session=f"bench-{os.getpid()}-{index}"
+    )
+    task_id = submitted.task_id
+
+    def done() -> bool:
+        row = broker.db.fetchone("SELECT state FROM tasks WHERE id = ?", (task_id,))
+        if row and row[0] in ("FAILED", "DEAD_LETTER", "CANCELED", "RETRY_WAIT"):
+            raise BenchError(f"goclaw turn {task_id} ended {row[0]}:\n{worker.tail()}")
+        return bool(row) and row[0] == "SUCCEEDED"
+
+    worker.wait_for(done, 60, f"goclaw turn {task_id}", poll=0.001)
+    elapsed = (time.perf_counter() - started) * 1000
+    result = json.loads(broker.get(task_id).result)
+    if result["reply"] != REPLY:
+        raise BenchError(f"goclaw turn {task_id}: unexpected reply {result['reply'][:80]!r}")
+    return elapsed, task_id
+
+
+def _server_overhead_ms(broker: Any, task_id: int) -> float:
+    """Created-to-finished on the worker's clock, minus the model call it recorded."""
+    task = broker.get(task_id)
+    row = broker.db.fetchone(
+        "SELECT COALESCE(SUM(latency_ms), 0) FROM model_calls WHERE task_id = ?", (task_id,)
+    )
+    return (task.finished_at - task.created_at) * 1000 - float(row[0])
+
+
+def _run_stats(broker: Any, task_id: int) -> dict[str, float]:
+    [completed] = [e.data for e in broker.events(task_id) if e.type == "run.completed"]
+    return {k: completed[k] for k in ("deltas", "event_writes", "event_write_ms")}
+
+
+def _import_litellm() -> Any:
+    from goclaw.agent.routing import import_litellm
+
+    return import_litellm()
+
+
+def _answers(api_base: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{api_base}/models", timeout=1) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status", encoding="ascii") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise BenchError(f"no VmRSS for process {pid}")
+
+
+def _settled_rss(pid: int, timeout: float = 30.0) -> int:
+    """RSS once it stops growing for a second: the worker has finished its imports."""
+    deadline = time.monotonic() + timeout
+    last, stable_since = _rss_kb(pid), time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        now = _rss_kb(pid)
+        if now != last:
+            last, stable_since = now, time.monotonic()
+        elif time.monotonic() - stable_since >= 1.0:
+            break
+    return last
+
+
+__all__ = ["run_agent_bench"]
