@@ -192,7 +192,7 @@ def test_running_worker_picks_up_config_edits_and_running_turns_keep_theirs(make
     running, _ = submit_turn(stack.broker, agent="default", prompt="one")
     wait_for(lambda: events_of(stack, running.task_id, "chunk"), timeout=20, what="streaming")
 
-    server, base_url = fake
+    _, base_url = fake
     config = yaml.safe_load((stack.home / "config.yaml").read_text())
     config["agents"]["default"]["model"] = "openai/second"
     config["agents"]["helper"] = {"model": "openai/helper"}
