@@ -720,7 +720,6 @@ def bench_queue(
     console.print(table)
 
 
-
 @bench.command("agent")
 @click.option("--turns", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True)

@@ -272,9 +272,7 @@ def test_history_near_the_window_is_summarised_and_recent_messages_kept(broker, 
         ]
     }
     with agent_harness(broker, home, script) as h:
-        h.configure(
-            {"keep_recent_messages": 1}, models={"openai/fake": {"context_window": 400}}
-        )
+        h.configure({"keep_recent_messages": 1}, models={"openai/fake": {"context_window": 400}})
         h.turn(LONG)
         turn = h.turn("and now?")
     [compaction] = turn.of_type("compaction")
@@ -291,9 +289,7 @@ def test_history_near_the_window_is_summarised_and_recent_messages_kept(broker, 
 def test_failed_summary_falls_back_to_truncation(broker, home):
     script = {"replies": [{"content": LONG}, {"status": 500}, {"content": "still here"}]}
     with agent_harness(broker, home, script) as h:
-        h.configure(
-            {"keep_recent_messages": 1}, models={"openai/fake": {"context_window": 400}}
-        )
+        h.configure({"keep_recent_messages": 1}, models={"openai/fake": {"context_window": 400}})
         h.turn(LONG)
         turn = h.turn("and now?")
     assert turn.of_type("compaction")[0]["method"] == "truncation"
