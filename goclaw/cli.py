@@ -21,6 +21,7 @@ from typing import Any
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from goclaw.broker import Broker
@@ -290,7 +291,6 @@ def parse_args(pairs: tuple[str, ...]) -> dict[str, Any]:
 @click.option("--timeout", type=float, default=None, help="With --wait: give up after N seconds.")
 @click.option(
     "--agent",
-    "-a",
     "agent_id",
     default="default",
     show_default=True,
@@ -395,14 +395,15 @@ def submit_prompt(
     """Queue one agent turn; with ``wait``, stream its reply as the worker writes it."""
     from goclaw.agent.definitions import build_catalog
     from goclaw.agent.tools import BUILTIN_TOOLS
-    from goclaw.agent.turns import AGENT_KIND, follow_turn, new_session_key
+    from goclaw.agent.turns import follow_turn, submit_turn
 
     build_catalog(obj.config, BUILTIN_TOOLS).get(agent_id)  # unknown agent: fail here, not later
-    session_key = session_key or new_session_key(agent_id)
     broker = obj.broker
-    [submitted] = broker.submit(
-        AGENT_KIND,
-        {"prompt": prompt, "agent": agent_id, "session": session_key},
+    submitted, session_key = submit_turn(
+        broker,
+        agent=agent_id,
+        prompt=prompt,
+        session=session_key,
         queue=queue or obj.config.worker.queue,
         priority=priority,
         max_attempts=max_attempts,
@@ -600,6 +601,105 @@ def print_moved(record: Any, as_json: bool) -> None:
         emit_json(record.as_json())
     else:
         click.echo(f"task {record.id}: {record.state.value}")
+
+
+@main.group()
+def session() -> None:
+    """Conversations: their history and what they cost."""
+
+
+@session.command("list")
+@click.option("--limit", "-n", type=click.IntRange(min=1), default=20, show_default=True)
+@json_option
+@click.pass_obj
+@command
+def session_list(obj: Context, limit: int, as_json: bool) -> None:
+    """Sessions, most recently active first."""
+    from goclaw.agent.sessions import SessionStore
+
+    found = SessionStore(obj.broker.db).list(limit=limit)
+    if as_json:
+        emit_json([s.as_json() for s in found])
+        return
+    table = Table("session", "agent", "messages", "updated")
+    for info in found:
+        table.add_row(info.key, info.agent_id, str(info.messages), iso(info.updated_at))
+    console.print(table)
+
+
+@session.command("show")
+@click.argument("key")
+@json_option
+@click.pass_obj
+@command
+def session_show(obj: Context, key: str, as_json: bool) -> None:
+    """A session's full history (compacted messages included), tokens and cost."""
+    from goclaw.agent.sessions import SessionStore
+
+    store = SessionStore(obj.broker.db)
+    info = store.get(key)
+    if info is None:
+        raise GoclawError(f"session {key!r} does not exist")
+    messages = store.messages(key)
+    usage = store.usage(session_key=key)
+    if as_json:
+        emit_json(
+            {
+                **info.as_json(),
+                "usage": usage.as_json(),
+                "messages": [m.as_json() for m in messages],
+            }
+        )
+        return
+    for stored in messages:
+        message = stored.message
+        text = message.get("content") or ""
+        for call in message.get("tool_calls") or ():
+            text += f" → {call['function']['name']}({call['function']['arguments']})"
+        console.print(
+            f"[dim]{stored.seq:>4} task {stored.task_id}[/] [bold]{stored.role}:[/] {escape(text)}",
+            highlight=False,
+        )
+    console.print(
+        f"[dim]{usage.model_calls} model calls, {usage.prompt_tokens} prompt + "
+        f"{usage.completion_tokens} completion tokens, ${usage.cost:.6f}[/]",
+        highlight=False,
+    )
+
+
+@main.command("agents")
+@json_option
+@click.pass_obj
+@command
+def agents(obj: Context, as_json: bool) -> None:
+    """The configured agents: models, tools, workspace, definition version."""
+    from goclaw.agent.definitions import build_catalog
+    from goclaw.agent.tools import BUILTIN_TOOLS
+
+    catalog = build_catalog(obj.config, BUILTIN_TOOLS)
+    rows = [
+        {
+            "id": agent.id,
+            "models": list(agent.models),
+            "tools": list(agent.settings.tools),
+            "workspace": str(agent.workspace),
+            "version": agent.version,
+        }
+        for agent in catalog.agents.values()
+    ]
+    if as_json:
+        emit_json(rows)
+        return
+    table = Table("agent", "models", "tools", "workspace", "version")
+    for row in rows:
+        table.add_row(
+            row["id"],
+            " → ".join(row["models"]),
+            ", ".join(row["tools"]),
+            row["workspace"],
+            row["version"],
+        )
+    console.print(table)
 
 
 @main.command()

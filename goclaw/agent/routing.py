@@ -658,8 +658,19 @@ def _from_provider(exc: BaseException) -> bool:
     )
 
 
+class _LoopHolder:
+    """Owns one thread's event loop and closes it when the thread ends."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+
+    def __del__(self) -> None:
+        if not self.loop.is_closed() and not self.loop.is_running():
+            self.loop.close()
+
+
 class _ThreadLoop(threading.local):
-    loop: asyncio.AbstractEventLoop | None = None
+    holder: _LoopHolder | None = None
 
 
 _loops = _ThreadLoop()
@@ -667,9 +678,9 @@ _loops = _ThreadLoop()
 
 def _thread_loop() -> asyncio.AbstractEventLoop:
     """This thread's event loop for model calls, created on first use and kept."""
-    if _loops.loop is None or _loops.loop.is_closed():
-        _loops.loop = asyncio.new_event_loop()
-    return _loops.loop
+    if _loops.holder is None or _loops.holder.loop.is_closed():
+        _loops.holder = _LoopHolder()
+    return _loops.holder.loop
 
 
 def import_litellm() -> Any:

@@ -21,7 +21,7 @@ from goclaw.agent.loop import AgentServices, AgentTurn
 from goclaw.agent.routing import ModelRouter
 from goclaw.agent.sessions import SessionStore
 from goclaw.agent.tools import BUILTIN_TOOLS
-from goclaw.agent.turns import AGENT_KIND
+from goclaw.agent.turns import AGENT_KIND, check_session_key
 from goclaw.app import App
 from goclaw.config import Config
 from goclaw.context import TaskContext
@@ -62,8 +62,10 @@ class AgentRuntime:
     ) -> dict[str, Any]:
         if not isinstance(prompt, str) or not prompt.strip():
             raise PermanentTaskError("an agent turn needs a non-empty prompt")
-        if not isinstance(session, str) or not session:
-            raise PermanentTaskError("an agent turn needs a session key")
+        try:
+            check_session_key(session if isinstance(session, str) else "")
+        except ValueError as exc:
+            raise PermanentTaskError(str(exc)) from exc
         try:
             definition = self.catalog.current().get(agent)
         except UnknownAgent as exc:

@@ -22,8 +22,20 @@ from goclaw.states import TERMINAL, TaskState
 AGENT_KIND = "agent"
 
 
+MAX_SESSION_KEY_CHARS = 200
+
+
 def new_session_key(agent_id: str) -> str:
     return f"{agent_id}-{uuid.uuid4().hex[:12]}"
+
+
+def check_session_key(key: str) -> str:
+    """Session keys are names people and clients type: printable, at most 200 characters."""
+    if not key or len(key) > MAX_SESSION_KEY_CHARS or not key.isprintable():
+        raise ValueError(
+            f"session key {key[:40]!r}: must be 1 to {MAX_SESSION_KEY_CHARS} printable characters"
+        )
+    return key
 
 
 def submit_turn(
@@ -33,17 +45,19 @@ def submit_turn(
     prompt: str,
     session: str | None = None,
     queue: str = "default",
+    priority: int = 0,
     idempotency_key: str | None = None,
     max_attempts: int | None = None,
 ) -> tuple[Submitted, str]:
     """Queue one turn; returns the task and the session key (a new one unless given)."""
     if not prompt.strip():
         raise ValueError("the prompt is empty")
-    session = session or new_session_key(agent)
+    session = check_session_key(session) if session is not None else new_session_key(agent)
     [submitted] = broker.submit(
         AGENT_KIND,
         {"prompt": prompt, "agent": agent, "session": session},
         queue=queue,
+        priority=priority,
         idempotency_key=idempotency_key,
         max_attempts=max_attempts,
     )

@@ -82,6 +82,19 @@ def test_cli_turns_stream_and_remember_the_session(make_stack, fake):
     assert any(m["role"] == "tool" and "buy milk" in m["content"] for m in last)
     chunks = events_of(stack, second["task_id"], "chunk")
     assert "".join(c["delta"] for c in chunks if c["reply"] == 1) == second["reply"]
+    shown = stack.cli_json("session", "show", "ada")
+    assert [m["role"] for m in shown["messages"]] == [
+        "user",
+        "assistant",
+        "user",
+        "assistant",
+        "tool",
+        "assistant",
+    ]
+    assert shown["usage"]["model_calls"] == 3 and shown["usage"]["prompt_tokens"] > 0
+    assert [s["session_key"] for s in stack.cli_json("session", "list")] == ["ada"]
+    [agent] = stack.cli_json("agents")
+    assert agent["id"] == "default" and agent["models"] == ["openai/fake"]
 
 
 def test_failover_in_a_worker_records_the_event(make_stack, fake):
@@ -218,3 +231,52 @@ def test_running_worker_picks_up_config_edits_and_running_turns_keep_theirs(make
     queued, _ = submit_turn(stack.broker, agent="helper", prompt="submitted around the CLI")
     gone = stack.wait_terminal([queued.task_id])[queued.task_id]
     assert gone.state == TaskState.FAILED and gone.reason == "unknown_agent"
+
+
+def test_tool_errors_reach_the_model_and_the_turn_goes_on(make_stack, fake):
+    calls = [
+        {"id": "bad-args", "name": "read_file", "arguments": {"path": 7}},
+        {"id": "no-such", "name": "teleport", "arguments": {}},
+        {"id": "fails", "name": "read_file", "arguments": {"path": "../../etc/passwd"}},
+    ]
+    script = {"replies": [{"tool_calls": calls}, {"content": "none of that worked"}]}
+    stack = agent_stack(make_stack, fake, script)
+    stack.worker()
+    answer = stack.cli_json("submit", "try things", "--wait", "--timeout", "30")
+    assert answer["state"] == "SUCCEEDED" and answer["reply"] == "none of that worked"
+    server, _ = fake
+    results = [m for m in server.requests[-1]["messages"] if m["role"] == "tool"]
+    assert [json.loads(m["content"])["error"] for m in results] == [
+        "invalid_arguments",
+        "unknown_tool",
+        "path_outside_workspace",
+    ]
+
+
+def test_context_overflow_compacts_in_a_worker_and_fails_clearly_when_it_cannot(make_stack, fake):
+    overflow = {
+        "status": 400,
+        "error": "This model's maximum context length is 50 tokens. However, your messages "
+        "resulted in 90 tokens. Please reduce the length of the messages.",
+    }
+    script = {
+        "replies": [
+            {"content": "first answer"},
+            overflow,
+            {"content": "SUMMARY of the first exchange"},
+            {"content": "answered after compaction"},
+            overflow,
+        ],
+        "repeat_last": True,
+    }
+    stack = agent_stack(make_stack, fake, script, keep_recent_messages=1)
+    stack.worker()
+    stack.cli_json("submit", "first question", "-s", "long", "--wait", "--timeout", "30")
+    second = stack.cli_json("submit", "second", "-s", "long", "--wait", "--timeout", "30")
+    assert second["reply"] == "answered after compaction"
+    assert events_of(stack, second["task_id"], "compaction")[0]["method"] == "summary"
+    failing = stack.cli("submit", "x" * 500, "-s", "fresh", "--wait", "--json", check=False)
+    third = json.loads(failing.stdout)
+    assert failing.returncode == 1 and third["state"] == "FAILED"
+    task = stack.broker.get(third["task_id"])
+    assert task.reason == "context_overflow" and "context window" in task.last_error

@@ -328,3 +328,12 @@ def test_overflow_that_cannot_be_compacted_fails_with_a_clear_reason(broker, hom
     task = broker.get(turn.task_id)
     assert task.state == TaskState.FAILED and task.reason == "context_overflow"
     assert "context window" in task.last_error
+
+
+@pytest.mark.parametrize("key", ["", "x" * 201, "tab\there"])
+def test_bad_session_keys_are_refused_at_submit(broker, key):
+    from goclaw.agent.turns import submit_turn
+
+    with pytest.raises(ValueError, match="session key"):
+        submit_turn(broker, agent="default", prompt="hi", session=key)
+    assert broker.tasks() == []

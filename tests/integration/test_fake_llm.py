@@ -20,6 +20,7 @@ from goclaw.fake_llm import FakeLLM, Script
 @pytest.fixture
 def serve():
     servers = []
+    clients = []
 
     def start(data):
         server = FakeLLM(Script.from_data(data))
@@ -27,9 +28,12 @@ def serve():
         url = context.__enter__()
         servers.append(context)
         client = openai.OpenAI(base_url=url, api_key="sk-fake", max_retries=0, timeout=5)
+        clients.append(client)
         return server, client
 
     yield start
+    for client in clients:
+        client.close()
     for context in servers:
         context.__exit__(None, None, None)
 
@@ -192,6 +196,7 @@ def test_the_cli_serves_a_script_file(tmp_path):
             model="m", messages=[{"role": "user", "content": "x"}]
         )
         assert reply.choices[0].message.content == "from the command line"
+        client.close()
     finally:
         proc.terminate()
         proc.wait(10)
