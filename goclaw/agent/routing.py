@@ -687,4 +687,7 @@ def import_litellm() -> Any:
     import litellm
 
     litellm.suppress_debug_info = True
+    # goclaw accounts tokens and cost itself and registers no LiteLLM callbacks; its
+    # per-stream logging (a deep copy and a callback dispatch per reply) is pure cost.
+    litellm.disable_streaming_logging = True
     return litellm
