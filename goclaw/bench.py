@@ -536,6 +536,9 @@ class GoclawWorker(Subprocess):
             return any(w.pid == pid for w in broker.live_workers())
 
         self.wait_for(live, self.timeout, "goclaw worker start-up")
+        # A worker imports LiteLLM in the background after it registers
+        # (worker.preload_models): seconds of CPU that must not land in a measurement.
+        settled_rss(pid)
 
 
 def measure_goclaw(
@@ -628,6 +631,28 @@ def measure_latency(
 
 
 # -- helpers ---------------------------------------------------------------------
+
+
+def rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status", encoding="ascii") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise BenchError(f"no VmRSS for process {pid}")
+
+
+def settled_rss(pid: int, timeout: float = 30.0) -> int:
+    """RSS once it stops growing for a second: the worker has finished its imports."""
+    deadline = time.monotonic() + timeout
+    last, stable_since = rss_kb(pid), time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        now = rss_kb(pid)
+        if now != last:
+            last, stable_since = now, time.monotonic()
+        elif time.monotonic() - stable_since >= 1.0:
+            break
+    return last
 
 
 def process_cpu_seconds(pid: int) -> float | None:

@@ -44,6 +44,7 @@ from goclaw.bench import (
     _nearest_rank,
     _open_bench_broker,
     probe_fsync,
+    rss_kb,
 )
 
 Progress = Callable[[str], None] | None
@@ -96,8 +97,7 @@ def run_agent_bench(
             worker.wait_live(broker)
             assert worker.proc is not None
             pid = worker.proc.pid
-            say("waiting for the worker to finish importing LiteLLM")
-            rss_idle = _settled_rss(pid)
+            rss_idle = rss_kb(pid)  # wait_live waited for it to settle
             litellm = _import_litellm()
             say(f"{warmup} warm-up turns each way, then {turns} measured, alternating")
             direct_ms: list[float] = []
@@ -112,7 +112,7 @@ def run_agent_bench(
                     direct_ms.append(direct)
                     goclaw_ms.append(elapsed)
                     task_ids.append(task_id)
-            rss_after = _rss_kb(pid)
+            rss_after = rss_kb(pid)
             server_side = [_server_overhead_ms(broker, t) for t in task_ids]
             streaming = [_run_stats(broker, t) for t in task_ids]
             deltas = round(statistics.mean(s["deltas"] for s in streaming))
@@ -259,28 +259,6 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def _rss_kb(pid: int) -> int:
-    with open(f"/proc/{pid}/status", encoding="ascii") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise BenchError(f"no VmRSS for process {pid}")
-
-
-def _settled_rss(pid: int, timeout: float = 30.0) -> int:
-    """RSS once it stops growing for a second: the worker has finished its imports."""
-    deadline = time.monotonic() + timeout
-    last, stable_since = _rss_kb(pid), time.monotonic()
-    while time.monotonic() < deadline:
-        time.sleep(0.2)
-        now = _rss_kb(pid)
-        if now != last:
-            last, stable_since = now, time.monotonic()
-        elif time.monotonic() - stable_since >= 1.0:
-            break
-    return last
 
 
 __all__ = ["run_agent_bench"]
