@@ -809,8 +809,17 @@ def bench_queue(
         workers=workers,
         latency_samples=latency_samples,
         workdir=workdir,
-        progress=None if as_json else lambda msg: err_console.print(f"[dim]{msg}[/]"),
+        progress=None if as_json else print_progress,
     )
+    print_measures(result, as_json)
+
+
+def print_progress(message: str) -> None:
+    err_console.print(f"[dim]{message}[/]", highlight=False)
+
+
+def print_measures(result: dict[str, Any], as_json: bool) -> None:
+    """A benchmark's figures: one JSON object, or a two-column table."""
     if as_json:
         emit_json(result)
         return
@@ -834,15 +843,9 @@ def bench_agent(turns: int, warmup: int, workdir: str | None, as_json: bool) -> 
         turns=turns,
         warmup=warmup,
         workdir=workdir,
-        progress=None if as_json else lambda msg: err_console.print(f"[dim]{msg}[/]"),
+        progress=None if as_json else print_progress,
     )
-    if as_json:
-        emit_json(result)
-        return
-    table = Table("measure", "value")
-    for key, value in result.items():
-        table.add_row(key, f"{value:.2f}" if isinstance(value, float) else str(value))
-    console.print(table)
+    print_measures(result, as_json)
 
 
 if __name__ == "__main__":  # pragma: no cover
