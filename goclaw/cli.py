@@ -603,6 +603,20 @@ def print_moved(record: Any, as_json: bool) -> None:
         click.echo(f"task {record.id}: {record.state.value}")
 
 
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(1, 65535), default=18789, show_default=True)
+@click.pass_obj
+@command
+def gateway(obj: Context, host: str, port: int) -> None:
+    """Serve HTTP (and, as it grows, WebSocket) clients; every route but /healthz needs
+    the bearer token in HOME/auth.token."""
+    from goclaw.gateway.server import run_gateway
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    run_gateway(obj.config, host=host, port=port)
+
+
 @main.group()
 def session() -> None:
     """Conversations: their history and what they cost."""

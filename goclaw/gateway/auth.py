@@ -1,0 +1,56 @@
+"""Bearer-token authentication, checked before any handler runs.
+
+The token is read once at start-up from ``$GOCLAW_HOME/auth.token`` (written
+by ``goclaw init``, mode 0600). A gateway without a token does not start: an
+open gateway would hand anyone on the host the queue. Comparison is in
+constant time, so response timing says nothing about how much of a guess
+was right.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Awaitable, Callable, Collection
+from pathlib import Path
+
+from aiohttp import web
+
+from goclaw.errors import ConfigError
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+#: Routes anyone may call: liveness probes carry no credentials.
+PUBLIC_PATHS = frozenset({"/healthz"})
+
+
+def read_token(home: Path) -> str:
+    path = home / "auth.token"
+    try:
+        token = path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no auth token; run `goclaw init` to create one") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the auth token: {exc.strerror}") from exc
+    if len(token) < 16:
+        raise ConfigError(f"{path}: the auth token must be at least 16 characters")
+    return token
+
+
+def bearer_auth(token: str, public: Collection[str] = PUBLIC_PATHS) -> Callable:
+    """aiohttp middleware: 401 unless ``Authorization: Bearer <token>`` matches."""
+    expected = token.encode()
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path in public:
+            return await handler(request)
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
+            return web.json_response(
+                {"error": {"message": "missing or wrong bearer token", "type": "unauthorized"}},
+                status=401,
+                headers={"WWW-Authenticate": 'Bearer realm="goclaw"'},
+            )
+        return await handler(request)
+
+    return middleware
