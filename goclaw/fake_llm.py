@@ -251,30 +251,38 @@ class FakeLLM:
     @contextlib.contextmanager
     def running(self, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
         """Serve from a background thread; yields the base URL (``http://…/v1``)."""
-        loop = asyncio.new_event_loop()
-        runner = web.AppRunner(self.app, shutdown_timeout=0.5)
-        started = threading.Event()
-        address: list[str] = []
+        with serve_in_thread(self.app, host, port) as origin:
+            yield f"{origin}/v1"
 
-        async def start() -> None:
-            await runner.setup()
-            site = web.TCPSite(runner, host, port)
-            await site.start()
-            bound = site._server.sockets[0].getsockname()  # port 0: the one the OS chose
-            address.append(f"http://{bound[0]}:{bound[1]}/v1")
-            started.set()
 
-        thread = threading.Thread(target=loop.run_forever, name="fake-llm", daemon=True)
-        thread.start()
-        asyncio.run_coroutine_threadsafe(start(), loop).result(10)
-        started.wait(10)
-        try:
-            yield address[0]
-        finally:
-            asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
-            loop.call_soon_threadsafe(loop.stop)
-            thread.join(5)
-            loop.close()
+@contextlib.contextmanager
+def serve_in_thread(app: web.Application, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+    """Run ``app`` on its own event loop in a daemon thread; yields ``http://HOST:PORT``.
+
+    Port 0 lets the OS choose. Tests use it for any aiohttp app they serve
+    over real loopback HTTP; everything is torn down on exit.
+    """
+    loop = asyncio.new_event_loop()
+    runner = web.AppRunner(app, shutdown_timeout=0.5)
+    address: list[str] = []
+
+    async def start() -> None:
+        await runner.setup()
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        bound = site._server.sockets[0].getsockname()  # port 0: the one the OS chose
+        address.append(f"http://{bound[0]}:{bound[1]}")
+
+    thread = threading.Thread(target=loop.run_forever, name="serve-in-thread", daemon=True)
+    thread.start()
+    asyncio.run_coroutine_threadsafe(start(), loop).result(10)
+    try:
+        yield address[0]
+    finally:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.close()
 
 
 def serve(script: Script, host: str, port: int) -> None:

@@ -6,16 +6,15 @@ import asyncio
 import json
 import subprocess
 import sys
-import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 
 import pytest
-from aiohttp import web
 
 from goclaw.config import load_config
 from goclaw.errors import ConfigError
+from goclaw.fake_llm import serve_in_thread
 from goclaw.gateway.server import create_app
 from goclaw.worker import open_broker
 
@@ -34,27 +33,10 @@ def home(tmp_path):
 def gateway(home, database_url) -> Iterator[tuple[str, object]]:
     config = load_config(home, env={"GOCLAW_DATABASE_URL": database_url})
     broker = open_broker(config)
-    loop = asyncio.new_event_loop()
-    runner = web.AppRunner(create_app(config, broker), shutdown_timeout=0.1)
-    address: list[str] = []
-
-    async def start() -> None:
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        host, port = site._server.sockets[0].getsockname()[:2]
-        address.append(f"http://{host}:{port}")
-
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    asyncio.run_coroutine_threadsafe(start(), loop).result(10)
     try:
-        yield address[0], broker
+        with serve_in_thread(create_app(config, broker)) as origin:
+            yield origin, broker
     finally:
-        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(5)
-        loop.close()
         broker.close()
 
 

@@ -6,7 +6,6 @@ import asyncio
 import os
 import signal
 import socket
-import threading
 import time
 from pathlib import Path
 
@@ -15,27 +14,15 @@ from aiohttp import web
 
 from goclaw.agent.tools import (
     BUILTIN_TOOLS,
-    AllowListedTools,
-    ToolContext,
     ToolError,
-    ToolLimits,
     invoke,
     parse_arguments,
 )
+from goclaw.fake_llm import serve_in_thread
+from tests.tool_context import make_ctx
 
 EXEC = BUILTIN_TOOLS["exec"]
 WEB_FETCH = BUILTIN_TOOLS["web_fetch"]
-
-
-def make_ctx(workspace, policy=None, **limits):
-    return ToolContext(
-        workspace=workspace,
-        agent_id="tester",
-        task_id=1,
-        session_key="s",
-        limits=ToolLimits(**limits),
-        policy=policy or AllowListedTools(BUILTIN_TOOLS),
-    )
 
 
 @pytest.fixture
@@ -230,25 +217,8 @@ def server():
     app.router.add_get("/drip", drip)
     app.router.add_get("/redirect/{n}", redirect)
     app.router.add_get("/to-file", to_file)
-    loop = asyncio.new_event_loop()
-    runner = web.AppRunner(app, shutdown_timeout=0.1)
-    address = []
-
-    async def start():
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        host, port = site._server.sockets[0].getsockname()[:2]
-        address.append(f"http://{host}:{port}")
-
-    thread = threading.Thread(target=loop.run_forever, name="web-fetch-test", daemon=True)
-    thread.start()
-    asyncio.run_coroutine_threadsafe(start(), loop).result(10)
-    yield address[0]
-    asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(5)
-    loop.close()
+    with serve_in_thread(app) as origin:
+        yield origin
 
 
 def test_fetch_text(ctx, server):

@@ -25,8 +25,7 @@ from goclaw.agent.tools import (
     tools_for,
 )
 from goclaw.agent.tools.files import LIST_DIR, READ_FILE, WRITE_FILE
-
-ALL = tuple(BUILTIN_TOOLS)
+from tests.tool_context import make_ctx
 
 
 @pytest.fixture
@@ -43,17 +42,6 @@ def ctx(tmp_path):
     workspace = tmp_path / "ws"
     workspace.mkdir()
     return make_ctx(workspace)
-
-
-def make_ctx(workspace, policy=None, **limits):
-    return ToolContext(
-        workspace=workspace,
-        agent_id="tester",
-        task_id=1,
-        session_key="s",
-        limits=ToolLimits(**limits),
-        policy=policy or AllowListedTools(ALL),
-    )
 
 
 class Recorder:
