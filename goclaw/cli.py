@@ -604,13 +604,14 @@ def print_moved(record: Any, as_json: bool) -> None:
 
 
 @main.command()
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", type=click.IntRange(1, 65535), default=18789, show_default=True)
+@click.option("--host", help="Address to listen on [default: gateway.host, 127.0.0.1].")
+@click.option("--port", type=click.IntRange(0, 65535), help="[default: gateway.port, 18789]")
 @click.pass_obj
 @command
-def gateway(obj: Context, host: str, port: int) -> None:
-    """Serve HTTP (and, as it grows, WebSocket) clients; every route but /healthz needs
-    the bearer token in HOME/auth.token."""
+def gateway(obj: Context, host: str | None, port: int | None) -> None:
+    """Serve ACP (JSON-RPC over WebSocket at /ws), the OpenAI-compatible API (/v1),
+    /healthz and /metrics. Every route but /healthz needs the bearer token in
+    HOME/auth.token."""
     from goclaw.gateway.server import run_gateway
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")

@@ -151,6 +151,55 @@ class WorkerSettings:
 
 
 @dataclasses.dataclass(frozen=True)
+class GatewaySettings:
+    """The gateway process: where it listens and what one client may ask of it."""
+
+    host: str = "127.0.0.1"
+    port: int = 18789
+    #: Origins a browser's WebSocket upgrade may come from (exact ``scheme://host[:port]``).
+    #: Clients that send no Origin header (programs, not browsers) are not affected.
+    allowed_origins: tuple[str, ...] = ()
+    #: Largest HTTP request body (the OpenAI API's JSON).
+    max_body_bytes: int = 1_048_576
+    #: Largest ACP text frame; bigger ones get a JSON-RPC error and the socket stays open.
+    max_frame_bytes: int = 1_048_576
+    #: Open WebSocket connections at once; more are refused with 503.
+    max_connections: int = 2000
+    #: Messages waiting to be sent on one WebSocket before its subscriptions are paused
+    #: and the client is told ``system.backpressure``.
+    send_queue_size: int = 512
+    #: Events read per page when a subscriber replays from a cursor.
+    replay_page_size: int = 500
+    #: Requests (HTTP requests and ACP frames) per second, per token and per client IP.
+    rate_limit_per_second: float = 200.0
+    #: Burst above the rate before requests get 429.
+    rate_limit_burst: int = 400
+    #: How often the gateway looks for new events to stream to subscribers.
+    poll_seconds: float = 0.02
+    #: The hint sent with a 429 / queue-saturated error when an agent's queue is full.
+    saturated_retry_after_seconds: float = 2.0
+
+    def validate(self) -> None:
+        if not self.host:
+            raise ConfigError("gateway.host: must not be empty")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"gateway.port: must be between 0 and 65535, got {self.port}")
+        for origin in self.allowed_origins:
+            if not re.match(r"^https?://[^/\s]+$", origin):
+                raise ConfigError(
+                    f"gateway.allowed_origins: {origin!r} is not an origin "
+                    "(scheme://host[:port], no path)"
+                )
+        for name in ("max_body_bytes", "max_frame_bytes"):
+            _at_least(f"gateway.{name}", getattr(self, name), 1024)
+        for name in ("max_connections", "send_queue_size", "replay_page_size", "rate_limit_burst"):
+            _at_least(f"gateway.{name}", getattr(self, name), 1)
+        for name in ("rate_limit_per_second", "poll_seconds", "saturated_retry_after_seconds"):
+            _positive(f"gateway.{name}", getattr(self, name))
+            _finite(f"gateway.{name}", getattr(self, name))
+
+
+@dataclasses.dataclass(frozen=True)
 class AgentSettings:
     """One named agent as config.yaml declares it (tools and prompt files not yet resolved)."""
 
@@ -166,6 +215,8 @@ class AgentSettings:
     workspace: str = ""
     #: Tasks of this agent one worker process runs at once.
     concurrency: int = 4
+    #: Turns of this agent waiting in the queue before the gateway refuses more (429).
+    max_queue_depth: int = 1000
     #: Model calls per turn.
     max_iterations: int = 20
     #: Tool calls per turn (the tool-call budget).
@@ -206,7 +257,7 @@ class AgentSettings:
             if tool in tools:
                 raise ConfigError(f"{key}.tools: {tool!r} is listed twice")
             tools.add(tool)
-        for name in ("concurrency", "max_iterations", "keep_recent_messages"):
+        for name in ("concurrency", "max_iterations", "keep_recent_messages", "max_queue_depth"):
             _at_least(f"{key}.{name}", getattr(self, name), 1)
         _at_least(f"{key}.max_tool_calls", self.max_tool_calls, 0)
         _positive(f"{key}.task_timeout_seconds", self.task_timeout_seconds)
@@ -271,6 +322,7 @@ SECTIONS: dict[str, type] = {
     "database": DatabaseSettings,
     "broker": BrokerSettings,
     "worker": WorkerSettings,
+    "gateway": GatewaySettings,
 }
 #: Sections that are mappings of names to settings rather than settings themselves.
 NAMED_SECTIONS = ("agents", "models")
@@ -287,6 +339,7 @@ class Config:
     database: DatabaseSettings
     broker: BrokerSettings
     worker: WorkerSettings
+    gateway: GatewaySettings = dataclasses.field(default_factory=GatewaySettings)
     #: Read-only (``MappingProxyType``) so a Config stays a snapshot; never empty once loaded.
     agents: Mapping[str, AgentSettings] = dataclasses.field(default_factory=_empty_mapping)
     #: Only the model strings config.yaml lists; see ``model_settings``.
