@@ -28,6 +28,8 @@ $(STAMP): pyproject.toml constraints.txt
 		-c constraints.txt -e '.[dev,postgres,local]'
 	touch $(STAMP)
 
+# The demo starts the whole stack with `goclaw up` (gateway + worker, supervised) as a child
+# process on a free port, talks to the default agent, tours the lifecycle, then stops it.
 run: $(STAMP)
 	$(BIN)/goclaw --home $(DEMO_HOME) init
 	$(BIN)/goclaw --home $(DEMO_HOME) demo

@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.console import Console
@@ -29,6 +29,9 @@ from goclaw.config import Config, load_config
 from goclaw.errors import GoclawError
 from goclaw.records import iso
 from goclaw.states import TERMINAL, TaskState
+
+if TYPE_CHECKING:
+    from goclaw.supervisor import Supervisor
 
 console = Console()
 err_console = Console(stderr=True)
@@ -618,6 +621,150 @@ def gateway(obj: Context, host: str | None, port: int | None) -> None:
     run_gateway(obj.config, host=host, port=port)
 
 
+# -- up ------------------------------------------------------------------------
+
+
+@main.command()
+@click.option(
+    "--workers",
+    "n_workers",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Worker processes to run.",
+)
+@click.option(
+    "--concurrency",
+    "-c",
+    type=click.IntRange(min=1),
+    help="Tasks each worker runs at once [default: worker.concurrency].",
+)
+@click.option("--host", help="Gateway address [default: gateway.host, 127.0.0.1].")
+@click.option("--port", type=click.IntRange(1, 65535), help="[default: gateway.port, 18789]")
+@click.option(
+    "--grace-seconds",
+    type=click.FloatRange(min=0),
+    default=20.0,
+    show_default=True,
+    help="On Ctrl-C, how long the children get to stop before SIGKILL.",
+)
+@click.option(
+    "--restart-delay",
+    type=click.FloatRange(min=0.05),
+    default=0.5,
+    show_default=True,
+    help="Wait before restarting a child that exited; doubles (to 10 s) while it keeps crashing.",
+)
+@click.pass_obj
+@command
+def up(
+    obj: Context,
+    n_workers: int,
+    concurrency: int | None,
+    host: str | None,
+    port: int | None,
+    grace_seconds: float,
+    restart_delay: float,
+) -> None:
+    """Run the whole stack in the foreground: a gateway and --workers workers.
+
+    Each is a `goclaw gateway` / `goclaw worker` child process with this HOME and
+    config, supervised: one that exits is restarted (with a log line; the delay
+    doubles while it keeps crashing). Ctrl-C or SIGTERM stops them in order:
+    workers finish their running tasks, the gateway closes; anything still
+    running after --grace-seconds (or at a second Ctrl-C) is SIGKILLed, and the
+    exit status is then 1 instead of 0. If `goclaw up` is killed, its children
+    die with it. One log line per start, exit and restart goes to stderr; the
+    children write to the same terminal. Needs HOME/auth.token (`goclaw init`
+    writes it).
+    """
+    import threading
+
+    from goclaw.gateway.auth import read_token
+    from goclaw.supervisor import Backoff, Supervisor, stack_specs
+
+    config = obj.config
+    read_token(config.home)  # the gateway would refuse to start: say so before anything starts
+    host = host or config.gateway.host
+    port = config.gateway.port if port is None else port
+    _require_free_port(host, port)
+    specs = stack_specs(
+        config.home,
+        Path(obj.config_path).resolve() if obj.config_path else None,
+        workers=n_workers,
+        concurrency=concurrency,
+        host=host,
+        port=port,
+    )
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    supervisor = Supervisor(
+        specs,
+        grace_seconds=grace_seconds,
+        backoff=Backoff(initial=restart_delay, maximum=max(10.0, restart_delay)),
+    )
+    url = gateway_url(host, port)
+    threading.Thread(
+        target=_announce_when_healthy, args=(url, supervisor), name="healthz", daemon=True
+    ).start()
+    sys.exit(supervisor.run())
+
+
+def _require_free_port(host: str, port: int) -> None:
+    """Fail before starting anything when the gateway could not listen (another `goclaw up`?)."""
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the gateway does
+            sock.bind(address)
+    except OSError as exc:
+        raise GoclawError(
+            f"the gateway cannot listen on {host}:{port}: {exc.strerror or exc}"
+            " (is another goclaw up running? pick one with --port)"
+        ) from exc
+
+
+def gateway_url(host: str, port: int) -> str:
+    """Where a client on this machine reaches a gateway listening on ``host:port``."""
+    if host in ("", "0.0.0.0"):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def get_health(url: str, timeout: float = 1.0) -> dict[str, Any] | None:
+    """The gateway's ``/healthz`` report, or None while it does not answer 200."""
+    import http.client
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{url}/healthz", timeout=timeout) as response:
+            return json.loads(response.read()) if response.status == 200 else None
+    except (OSError, http.client.HTTPException, ValueError):  # refused, 503, cut off, not JSON
+        return None
+
+
+def _announce_when_healthy(url: str, supervisor: Supervisor) -> None:
+    """Log the gateway's URL once it answers /healthz, so the user knows where to connect."""
+    while not supervisor.stopping:
+        health = get_health(url, timeout=0.5)
+        if health is not None:
+            live = health.get("workers", {}).get("live", 0)
+            logging.getLogger("goclaw.up").info(
+                "gateway ready at %s (live workers: %d; Ctrl-C stops everything)", url, live
+            )
+            return
+        time.sleep(0.1)
+
+
 @main.group()
 def session() -> None:
     """Conversations: their history and what they cost."""
@@ -758,7 +905,8 @@ def status(obj: Context, as_json: bool) -> None:
 @click.pass_obj
 @command
 def demo(obj: Context, as_json: bool) -> None:
-    """Start a worker, run tasks through success, retry, dead letter and cancel; show them."""
+    """Start the stack (goclaw up), talk to the default agent, run tasks through success,
+    retry, dead letter and cancel; show them."""
     from goclaw.demo import run_demo
 
     code, summary = run_demo(obj.config, Console(quiet=True) if as_json else console)

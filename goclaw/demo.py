@@ -1,16 +1,18 @@
-"""``goclaw demo``: start a real worker, talk to an agent, then tour the task lifecycle.
+"""``goclaw demo``: start the stack, talk to an agent, then tour the task lifecycle.
 
-What ``make run`` shows a new user: a two-turn conversation with the
+What ``make run`` shows a new user: ``goclaw up`` (a gateway and a worker,
+supervised) as a child process, a two-turn conversation with the
 ``default`` agent, its replies streamed as the worker writes them (on the
 local model when no provider key is set, so with no account and no
 network), then a success, a retry that ends in the dead-letter queue, a task
-canceled while it runs, and the final counts, all from a worker process
-like production's.
+canceled while it runs, and the final counts, all from processes like
+production's. At the end the stack is stopped the way Ctrl-C stops it.
 """
 
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -21,27 +23,49 @@ from rich.console import Console
 
 from goclaw.broker import Broker
 from goclaw.config import Config
+from goclaw.errors import GoclawError
 from goclaw.states import TERMINAL, TaskState
+
+#: How long the demo's ``goclaw up`` gives its children to stop at the end.
+STOP_GRACE_SECONDS = 20
 
 
 def run_demo(config: Config, console: Console) -> tuple[int, dict[str, Any]]:
     """Returns an exit status and a summary: each demo task's final record."""
-    from goclaw.cli import follow, print_event
+    from goclaw.cli import follow, gateway_url, print_event
+    from goclaw.supervisor import die_with_parent_hook
     from goclaw.worker import open_broker
 
     broker = open_broker(config)
-    log_path = Path(config.home) / "demo-worker.log"
+    log_path = Path(config.home) / "demo-up.log"
+    port = _free_port()  # not gateway.port: 18789 may already be taken on this machine
+    url = gateway_url("127.0.0.1", port)
     console.rule("[bold]goclaw demo")
     console.print(f"home: {config.home}\ndatabase: {broker.db.describe()}", highlight=False)
+    command = [sys.executable, "-m", "goclaw.cli", "--home", str(config.home)]
+    if config.path is not None:
+        command += ["--config", str(config.path)]
+    command += ["up", "--host", "127.0.0.1", "--port", str(port), "--concurrency", "2"]
+    command += ["--grace-seconds", str(STOP_GRACE_SECONDS)]
     with log_path.open("wb") as log_file:
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "goclaw.cli", "--home", str(config.home), "worker", "-c", "2"],
+        # Its own process group: a Ctrl-C of the demo reaches it once, from the `finally`
+        # below (a second SIGINT would tell it to skip the grace period); and it dies with us.
+        stack = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
             stdout=log_file,
             stderr=subprocess.STDOUT,
+            process_group=0,
+            preexec_fn=die_with_parent_hook(),
         )
+    ok: int | None = None
     try:
-        _wait_for_worker(broker, worker, log_path)
-        console.print(f"worker started (pid {worker.pid}, log {log_path})\n", highlight=False)
+        _wait_for_stack(url, stack, log_path)
+        console.print(
+            f"goclaw up: gateway and a worker started (pid {stack.pid}, log {log_path})\n"
+            f"gateway: {url}  (try: curl {url}/healthz)\n",
+            highlight=False,
+        )
         talked = _conversation(broker, config, console)
 
         console.rule("an echo task")
@@ -74,15 +98,18 @@ def run_demo(config: Config, console: Console) -> tuple[int, dict[str, Any]]:
         succeeded = all_done and final["echo"].state is TaskState.SUCCEEDED
         return (0 if succeeded and talked["ok"] else 1), summary
     finally:
-        worker.send_signal(signal.SIGINT)
+        stack.send_signal(signal.SIGINT)  # what Ctrl-C does: workers finish, then everything exits
         try:
-            worker.wait(20)
+            stack.wait(STOP_GRACE_SECONDS + 10)
         except subprocess.TimeoutExpired:
-            worker.kill()
+            stack.kill()  # its children die with it (PR_SET_PDEATHSIG)
+            stack.wait()
         broker.close()
+        hint = f"goclaw --home {config.home} tasks"
+        if ok is not None:
+            hint += f"   |   goclaw --home {config.home} task show {ok}"
         console.print(
-            "\nworker stopped. Try: goclaw --home "
-            f"{config.home} tasks   |   goclaw --home {config.home} task show {ok}",
+            f"\nstack stopped. Run it yourself: goclaw --home {config.home} up\nTry: {hint}",
             highlight=False,
         )
 
@@ -130,9 +157,21 @@ def _conversation(broker: Broker, config: Config, console: Console) -> dict[str,
     return {"ok": True, "session_key": session, "replies": replies}
 
 
-def _wait_for_worker(broker: Broker, worker: subprocess.Popen, log_path: Path) -> None:
-    deadline = time.monotonic() + 30
-    while not any(w.pid == worker.pid for w in broker.live_workers()):
-        if worker.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"the worker did not start:\n{log_path.read_text()[-2000:]}")
-        time.sleep(0.05)
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_for_stack(url: str, stack: subprocess.Popen, log_path: Path) -> None:
+    """Until the gateway answers /healthz with a live worker (or ``goclaw up`` gives up)."""
+    from goclaw.cli import get_health
+
+    deadline = time.monotonic() + 60
+    while True:
+        health = get_health(url, timeout=1)
+        if health is not None and health["workers"]["live"] > 0:
+            return
+        if stack.poll() is not None or time.monotonic() > deadline:
+            raise GoclawError(f"goclaw up did not start:\n{log_path.read_text()[-2000:]}")
+        time.sleep(0.1)
