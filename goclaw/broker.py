@@ -38,6 +38,7 @@ from goclaw.records import (
 )
 from goclaw.states import CLAIMABLE, LEASED, TERMINAL, Reason, TaskState, is_allowed
 from goclaw.store.database import Database
+from goclaw.store.sequence import take_session_seq
 
 S = TaskState
 LEASED_SQL = "('CLAIMED', 'RUNNING')"
@@ -144,13 +145,16 @@ class Broker:
         delay: float = 0.0,
         count: int = 1,
         ref: str | None = None,
+        session_key: str | None = None,
         now: float | None = None,
     ) -> list[Submitted]:
         """Queue ``count`` identical tasks in one transaction.
 
         With an idempotency key, a repeat returns the task(s) it created the
         first time instead of adding new ones; under ``count > 1`` the key of
-        the i-th task is ``KEY/i``.
+        the i-th task is ``KEY/i``. With a ``session_key`` (whose ``sessions``
+        row must exist) the task's state changes join that session's event
+        sequence.
         """
         if not kind:
             raise ValueError("a task needs a kind")
@@ -183,14 +187,38 @@ class Broker:
             for key in keys:
                 row = self.db.fetchone(
                     "INSERT INTO tasks (kind, queue, payload, state, priority, max_attempts, "
-                    "run_after, idempotency_key, ref, created_at, updated_at) "
-                    "VALUES (?, ?, ?, 'QUEUED', ?, ?, ?, ?, ?, ?, ?) "
+                    "run_after, idempotency_key, ref, session_key, created_at, updated_at) "
+                    "VALUES (?, ?, ?, 'QUEUED', ?, ?, ?, ?, ?, ?, ?, ?) "
                     "ON CONFLICT DO NOTHING RETURNING id",
-                    (kind, queue, payload, priority, attempts, run_after, key, ref, now, now),
+                    (
+                        kind,
+                        queue,
+                        payload,
+                        priority,
+                        attempts,
+                        run_after,
+                        key,
+                        ref,
+                        session_key,
+                        now,
+                        now,
+                    ),
                 )
                 if row is not None:
                     submitted.append(Submitted(row[0], True))
-                    events.append((row[0], "task.submitted", None, S.QUEUED, now, None, None, None))
+                    events.append(
+                        (
+                            row[0],
+                            "task.submitted",
+                            None,
+                            S.QUEUED,
+                            now,
+                            None,
+                            None,
+                            None,
+                            session_key,
+                        )
+                    )
                     continue
                 existing = self.db.fetchone(
                     "SELECT id FROM tasks WHERE idempotency_key = ? OR ref = ?", (key, ref)
@@ -238,7 +266,7 @@ class Broker:
                     "attempts = attempts + 1, updated_at = ? "
                     f"WHERE id IN ({marks}) AND state IN {CLAIMABLE_SQL} "
                     "RETURNING id, lease_token, kind, payload, attempts, max_attempts, "
-                    "priority, ref",
+                    "priority, ref, session_key",
                     (owner, expires, now, *previous),
                 )
                 # RETURNING order is unspecified: restore the claim order.
@@ -255,13 +283,17 @@ class Broker:
                     f"  WHERE queue = ? AND state IN {CLAIMABLE_SQL} AND run_after <= ? "
                     "  ORDER BY priority DESC, run_after, id LIMIT ? FOR UPDATE SKIP LOCKED) AS c "
                     "WHERE t.id = c.id RETURNING t.id, c.state, t.lease_token, t.kind, "
-                    "t.payload, t.attempts, t.max_attempts, t.priority, t.ref, t.run_after",
+                    "t.payload, t.attempts, t.max_attempts, t.priority, t.ref, t.session_key, "
+                    "t.run_after",
                     (owner, expires, now, queue, now, limit),
                 )
                 # RETURNING order is unspecified: restore the claim order.
-                rows.sort(key=lambda r: (-r[7], r[9], r[0]))
+                rows.sort(key=lambda r: (-r[7], r[10], r[0]))
             self._insert_events(
-                [(r[0], "task.claimed", r[1], S.CLAIMED, now, r[2], owner, None) for r in rows]
+                [
+                    (r[0], "task.claimed", r[1], S.CLAIMED, now, r[2], owner, None, r[9])
+                    for r in rows
+                ]
             )
         return [
             Claim(
@@ -663,11 +695,13 @@ class Broker:
         if token is not None:
             guard += " AND lease_token = ?"
             params.append(token)
-        cursor = self.db.execute(f"UPDATE tasks SET {assignments} WHERE {guard}", params)
-        if cursor.rowcount != 1:
+        row = self.db.fetchone(
+            f"UPDATE tasks SET {assignments} WHERE {guard} RETURNING session_key", params
+        )
+        if row is None:
             return False
         self._insert_events(
-            [(task_id, event_type, current, target, now, token, worker, _json(detail))]
+            [(task_id, event_type, current, target, now, token, worker, _json(detail), row[0])]
         )
         return True
 
@@ -700,6 +734,7 @@ class Broker:
                     claim.token,
                     claim.owner,
                     _json({"report": what, "why": why}),
+                    None,  # diagnostics, not part of a session's stream
                 )
             ]
         )
@@ -712,10 +747,32 @@ class Broker:
         self._local.events.extend(rows)
 
     def _write_events(self, rows: Sequence[tuple]) -> None:
+        """Insert the transaction's events; those of session-bound tasks take session seqs.
+
+        The seqs are taken last, just before the commit, sessions in sorted
+        order: the session row lock is held for as short a time as possible and
+        always after any task row lock, so writers cannot deadlock. Holding it
+        to the commit is what makes seq commit-ordered on PostgreSQL.
+        """
+        if not rows:
+            return
+        wanted: dict[str, int] = {}
+        for row in rows:
+            if row[8] is not None:
+                wanted[row[8]] = wanted.get(row[8], 0) + 1
+        next_seq = {key: take_session_seq(self.db, key, wanted[key]) for key in sorted(wanted)}
+        values = []
+        for r in rows:
+            seq = None
+            if r[8] is not None:
+                seq = next_seq[r[8]]
+                next_seq[r[8]] += 1
+            from_state = None if r[2] is None else str(r[2])
+            values.append((r[0], r[1], from_state, str(r[3]), *r[4:8], r[8], seq))
         self.db.executemany(
             "INSERT INTO task_events (task_id, type, from_state, to_state, at, lease_token, "
-            "worker, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            [(r[0], r[1], None if r[2] is None else str(r[2]), str(r[3]), *r[4:]) for r in rows],
+            "worker, detail, session_key, seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            values,
         )
 
 

@@ -27,7 +27,8 @@ def _loads(text: str | None) -> Any:
 TASK_COLUMNS = (
     "id, kind, queue, payload, state, priority, attempts, max_attempts, run_after, "
     "idempotency_key, ref, lease_owner, lease_token, lease_expires_at, error_streak, "
-    "last_error, reason, result, created_at, updated_at, finished_at"
+    "last_error, reason, result, created_at, updated_at, finished_at, session_key, "
+    "events_purged_upto"
 )
 
 
@@ -54,6 +55,10 @@ class Task:
     created_at: float
     updated_at: float
     finished_at: float | None
+    #: Agent turns: the session whose event sequence this task's state changes join.
+    session_key: str | None = None
+    #: The highest event id purged by retention (0: none).
+    events_purged_upto: int = 0
 
     @classmethod
     def from_row(cls, row: tuple) -> Task:
@@ -82,6 +87,7 @@ class Task:
             "created_at": iso(self.created_at),
             "updated_at": iso(self.updated_at),
             "finished_at": iso(self.finished_at),
+            "session_key": self.session_key,
         }
 
 

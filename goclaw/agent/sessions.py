@@ -25,6 +25,7 @@ from typing import Any
 
 from goclaw.records import iso
 from goclaw.store.database import Database
+from goclaw.store.sequence import take_session_seq
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,18 +101,8 @@ class SessionStore:
         )
 
     def take_seq(self, key: str, count: int = 1) -> int:
-        """Reserve ``count`` sequence numbers of ``key``; return the first.
-
-        Call inside a transaction: the row lock is held until it commits.
-        """
-        row = self.db.fetchone(
-            "UPDATE sessions SET next_seq = next_seq + ?, updated_at = ? WHERE key = ? "
-            "RETURNING next_seq",
-            (count, self.clock(), key),
-        )
-        if row is None:
-            raise KeyError(f"session {key!r} does not exist")
-        return int(row[0]) - count
+        """Reserve ``count`` sequence numbers of ``key``; return the first (in a transaction)."""
+        return take_session_seq(self.db, key, count, now=self.clock())
 
     def append(self, key: str, task_id: int, messages: Sequence[dict[str, Any]]) -> list[int]:
         """Write ``messages`` in order, in one transaction; return their sequence numbers."""

@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from goclaw.agent.sessions import SessionStore
 from goclaw.broker import Broker
 from goclaw.records import Submitted, TaskEvent
 from goclaw.states import TERMINAL, TaskState
@@ -53,15 +54,37 @@ def submit_turn(
     if not prompt.strip():
         raise ValueError("the prompt is empty")
     session = check_session_key(session) if session is not None else new_session_key(agent)
-    [submitted] = broker.submit(
-        AGENT_KIND,
-        {"prompt": prompt, "agent": agent, "session": session},
-        queue=queue,
-        priority=priority,
-        idempotency_key=idempotency_key,
-        max_attempts=max_attempts,
-    )
+    with broker.transaction():
+        # The session row first: the task's state changes take their seqs from it.
+        SessionStore(broker.db).ensure(session, agent)
+        [submitted] = broker.submit(
+            AGENT_KIND,
+            {"prompt": prompt, "agent": agent, "session": session},
+            queue=queue,
+            priority=priority,
+            idempotency_key=idempotency_key,
+            max_attempts=max_attempts,
+            session_key=session,
+        )
     return submitted, session
+
+
+def agent_load(broker: Broker, agent_id: str) -> dict[str, int]:
+    """Turns of ``agent_id`` by state, from the live states only (the gateway's queue check).
+
+    A turn's agent is its session's: a session belongs to the agent that opened it.
+    """
+    rows = broker.db.fetchall(
+        "SELECT t.state, COUNT(*) FROM tasks t JOIN sessions s ON s.key = t.session_key "
+        "WHERE s.agent_id = ? AND t.kind = ? "
+        "AND t.state IN ('QUEUED', 'RETRY_WAIT', 'CLAIMED', 'RUNNING') GROUP BY t.state",
+        (agent_id, AGENT_KIND),
+    )
+    found = dict(rows)
+    return {
+        "queued": int(found.get("QUEUED", 0)) + int(found.get("RETRY_WAIT", 0)),
+        "running": int(found.get("CLAIMED", 0)) + int(found.get("RUNNING", 0)),
+    }
 
 
 def follow(

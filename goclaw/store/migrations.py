@@ -171,6 +171,22 @@ MIGRATIONS: tuple[Migration, ...] = (
                WHERE session_key IS NOT NULL""",
         ),
     ),
+    Migration(
+        3,
+        "session-bound tasks, event retention watermarks",
+        (
+            # A task that belongs to a session (an agent turn) writes its state
+            # changes into the session's sequence too, so one cursor (the seq)
+            # follows a whole conversation, commit-ordered on both dialects.
+            "ALTER TABLE tasks ADD COLUMN session_key TEXT",
+            """CREATE INDEX tasks_session ON tasks (session_key, state)
+               WHERE session_key IS NOT NULL""",
+            # Retention: the highest seq (per session) and event id (per task)
+            # whose events were purged. A replay from below it is a gap.
+            "ALTER TABLE sessions ADD COLUMN events_purged_upto BIGINT NOT NULL DEFAULT 0",
+            "ALTER TABLE tasks ADD COLUMN events_purged_upto BIGINT NOT NULL DEFAULT 0",
+        ),
+    ),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version

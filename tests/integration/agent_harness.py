@@ -92,8 +92,15 @@ class AgentHarness:
 
     def turn(self, prompt: str, *, session: str = "s1", agent: str = "default") -> Turn:
         submitted, session = submit_turn(self.broker, agent=agent, prompt=prompt, session=session)
+        turn = self.run_next()
+        assert turn.task_id == submitted.task_id
+        return turn
+
+    def run_next(self) -> Turn:
+        """Claim the next queued turn (however it was submitted) and run it to its end."""
         [claim] = self.broker.claim("test-worker")
-        assert claim.task_id == submitted.task_id
+        args = json.loads(claim.payload)
+        agent, session, prompt = args["agent"], args["session"], args["prompt"]
         self.broker.start(claim)
         ctx = TaskContext(claim)
         result, error = None, None
@@ -117,8 +124,8 @@ class AgentHarness:
         except Exception as exc:
             error = exc
             self.broker.report(claim, Outcome.error_from(exc))
-        events = self.broker.events(submitted.task_id)
-        return Turn(submitted.task_id, session, result, error, events)
+        events = self.broker.events(claim.task_id)
+        return Turn(claim.task_id, session, result, error, events)
 
     def requests(self) -> list[dict[str, Any]]:
         return self.fake.requests
