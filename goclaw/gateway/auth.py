@@ -16,6 +16,7 @@ from pathlib import Path
 from aiohttp import web
 
 from goclaw.errors import ConfigError
+from goclaw.gateway.responses import openai_error
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -36,6 +37,20 @@ def read_token(home: Path) -> str:
     return token
 
 
+def presented_token(request: web.Request) -> str | None:
+    """The token from ``Authorization: Bearer``, or, on a WebSocket upgrade (browsers
+    cannot set headers there), from a ``bearer.<token>`` entry of Sec-WebSocket-Protocol."""
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() == "bearer":
+        return given.strip()
+    if request.headers.get("Upgrade", "").lower() == "websocket":
+        for protocol in request.headers.get("Sec-WebSocket-Protocol", "").split(","):
+            name, _, value = protocol.strip().partition(".")
+            if name == "bearer" and value:
+                return value
+    return None
+
+
 def bearer_auth(token: str, public: Collection[str] = PUBLIC_PATHS) -> Callable:
     """aiohttp middleware: 401 unless ``Authorization: Bearer <token>`` matches."""
     expected = token.encode()
@@ -44,11 +59,13 @@ def bearer_auth(token: str, public: Collection[str] = PUBLIC_PATHS) -> Callable:
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path in public:
             return await handler(request)
-        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
-            return web.json_response(
-                {"error": {"message": "missing or wrong bearer token", "type": "unauthorized"}},
-                status=401,
+        given = presented_token(request)
+        if given is None or not hmac.compare_digest(given.encode(), expected):
+            return openai_error(
+                401,
+                "missing or wrong bearer token",
+                "unauthorized",
+                code="invalid_api_key",
                 headers={"WWW-Authenticate": 'Bearer realm="goclaw"'},
             )
         return await handler(request)

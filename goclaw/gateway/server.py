@@ -1,4 +1,10 @@
-"""``goclaw gateway``: one aiohttp process in front of the broker."""
+"""``goclaw gateway``: one aiohttp process in front of the broker.
+
+Routes: ``/healthz`` (public), ``/metrics``, ``/ws`` (ACP), ``/v1/models`` and
+``/v1/chat/completions``. Middlewares run in order: the bearer token (401
+before any work), then the rate limit (429). The event pump starts with the
+app and feeds every subscriber; the one database thread serves every handler.
+"""
 
 from __future__ import annotations
 
@@ -10,22 +16,36 @@ from goclaw.agent.definitions import AgentCatalog
 from goclaw.agent.tools import BUILTIN_TOOLS
 from goclaw.broker import Broker
 from goclaw.config import Config
+from goclaw.gateway.acp import websocket_handler
 from goclaw.gateway.auth import bearer_auth, read_token
 from goclaw.gateway.health import healthz
+from goclaw.gateway.limits import rate_limit
 from goclaw.gateway.metrics import metrics_handler
+from goclaw.gateway.openai_api import chat_completions, list_models
 from goclaw.gateway.state import STATE, GatewayState
 
 
 def create_app(config: Config, broker: Broker) -> web.Application:
     """The gateway's routes over ``broker``; fails closed without an auth token."""
-    app = web.Application(middlewares=[bearer_auth(read_token(config.home))])
     agents = AgentCatalog.from_config(config, os.environ, BUILTIN_TOOLS)
     state = GatewayState(config, broker, agents)
+    app = web.Application(
+        middlewares=[bearer_auth(read_token(config.home)), rate_limit(state.limiter)],
+        client_max_size=config.gateway.max_body_bytes,
+    )
     app[STATE] = state
+    app.on_startup.append(_start)
     app.on_cleanup.append(_close)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics_handler)
+    app.router.add_get("/ws", websocket_handler)
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_post("/v1/chat/completions", chat_completions)
     return app
+
+
+async def _start(app: web.Application) -> None:
+    await app[STATE].pump.start()
 
 
 async def _close(app: web.Application) -> None:
@@ -44,6 +64,7 @@ def run_gateway(config: Config, *, host: str | None = None, port: int | None = N
             port=config.gateway.port if port is None else port,
             print=None,
             access_log=None,
+            shutdown_timeout=5.0,
         )
     finally:
         broker.close()

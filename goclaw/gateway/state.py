@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -19,7 +20,9 @@ from aiohttp import web
 from goclaw.agent.definitions import AgentCatalog
 from goclaw.broker import Broker
 from goclaw.config import Config
+from goclaw.gateway.limits import RateLimiter
 from goclaw.gateway.metrics import GatewayMetrics
+from goclaw.gateway.pump import EventPump
 
 T = TypeVar("T")
 
@@ -31,6 +34,18 @@ class GatewayState:
         self.broker = broker
         self.agents = agents
         self.metrics = GatewayMetrics()
+        self.limiter = RateLimiter(
+            self.settings.rate_limit_per_second, self.settings.rate_limit_burst
+        )
+        self.pump = EventPump(
+            broker.db,
+            self.db,
+            poll_seconds=self.settings.poll_seconds,
+            page_size=self.settings.replay_page_size,
+        )
+        #: Open WebSocket connections.
+        self.connections = 0
+        self.started_at = time.time()
         self._db_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="gateway-db")
 
     async def db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -41,7 +56,8 @@ class GatewayState:
         )
 
     async def close(self) -> None:
-        """Close the database thread's own connection, then the thread."""
+        """Stop the pump, close the database thread's own connection, then the thread."""
+        await self.pump.stop()
         await self.db(self.broker.db.close)
         self._db_thread.shutdown()
 
