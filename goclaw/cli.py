@@ -765,6 +765,55 @@ def _announce_when_healthy(url: str, supervisor: Supervisor) -> None:
         time.sleep(0.1)
 
 
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """``90s``, ``15m``, ``12h``, ``7d`` (a bare number is seconds)."""
+    raw = text.strip().lower()
+    unit = DURATION_UNITS.get(raw[-1:])
+    number = raw[:-1] if unit else raw
+    try:
+        value = float(number) * (unit or 1)
+    except ValueError:
+        raise click.BadParameter(
+            f"{text!r}: expected a duration such as 90s, 15m, 12h or 7d"
+        ) from None
+    if not value >= 0:
+        raise click.BadParameter(f"{text!r}: must not be negative")
+    return value
+
+
+@main.group()
+def events() -> None:
+    """The task event log: retention."""
+
+
+@events.command("purge")
+@click.option(
+    "--older-than",
+    required=True,
+    help="Purge the events of tasks that ended longer ago than this (90s, 15m, 12h, 7d).",
+)
+@json_option
+@click.pass_obj
+@command
+def events_purge(obj: Context, older_than: str, as_json: bool) -> None:
+    """Delete the events of tasks that ended before a cutoff (the tasks themselves,
+    their results, sessions and messages stay). A client that later replays from
+    before the cut gets a precise replay_gap error, not a silently shorter stream."""
+    from goclaw import event_log
+
+    cutoff = time.time() - parse_duration(older_than)
+    purged = event_log.purge(obj.broker.db, finished_before=cutoff)
+    if as_json:
+        emit_json({**purged.as_json(), "finished_before": iso(cutoff)})
+    else:
+        click.echo(
+            f"purged {purged.events} events of {purged.tasks} tasks ended before {iso(cutoff)}"
+        )
+
+
 @main.group()
 def session() -> None:
     """Conversations: their history and what they cost."""
