@@ -12,9 +12,11 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -64,6 +66,30 @@ class WorkerProcess:
         return self.proc.wait(timeout)
 
 
+AUTH_TOKEN = "acceptance-token-" + "x" * 16
+
+
+class GatewayProcess(WorkerProcess):
+    def __init__(self, proc: subprocess.Popen, log_path: Path, url: str) -> None:
+        super().__init__(proc, log_path)
+        self.url = url
+
+    def healthy(self) -> bool:
+        if not self.alive():
+            raise AssertionError(f"the gateway exited\n{self.log()}")
+        try:
+            with urllib.request.urlopen(f"{self.url}/healthz", timeout=2) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 class Stack:
     def __init__(self, tmp_path: Path, database_url: str, env: dict[str, str]) -> None:
         self.home = tmp_path / "home"
@@ -78,6 +104,7 @@ class Stack:
         self.config = load_config(self.home, env=self.env)
         self.broker: Broker = open_broker(self.config)
         self.workers: list[WorkerProcess] = []
+        self.gateways: list[GatewayProcess] = []
 
     def worker(self, *args: str, concurrency: int = 4) -> WorkerProcess:
         log_path = self.home / f"worker-{len(self.workers)}.log"
@@ -100,6 +127,29 @@ class Stack:
             what=lambda: f"worker {proc.pid} to register\n{worker.log()}",
         )
         return worker
+
+    def gateway(self, port: int = 0) -> GatewayProcess:
+        """A ``goclaw gateway`` process on 127.0.0.1, answering /healthz (port 0: a free one)."""
+        token = self.home / "auth.token"
+        if not token.exists():
+            token.write_text(AUTH_TOKEN)
+        port = port or free_port()
+        log_path = self.home / f"gateway-{port}-{len(self.gateways)}.log"
+        with log_path.open("wb") as log_file:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "goclaw.cli", "gateway", "--port", str(port)],
+                env=self.env,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        gateway = GatewayProcess(proc, log_path, f"http://127.0.0.1:{port}")
+        self.workers.append(gateway)  # killed at teardown like the workers
+        self.gateways.append(gateway)
+        wait_for(
+            gateway.healthy, timeout=20, what=lambda: f"the gateway to answer\n{gateway.log()}"
+        )
+        return gateway
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         result = subprocess.run(
