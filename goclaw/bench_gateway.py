@@ -475,7 +475,7 @@ async def _fan_out(
             "fanout_clients": n_clients,
             "fanout_sessions": n_clients,
             "fanout_subscribe_s": round(subscribe_s, 2),
-            "fanout_rate_target": rate,
+            "fanout_rate_target": float(rate),
             "fanout_rate_achieved": written["rate"],
             "fanout_seconds": written["seconds"],
             "fanout_events_expected": expected,

@@ -1060,6 +1060,66 @@ def bench_agent(turns: int, warmup: int, workdir: str | None, as_json: bool) -> 
     print_measures(result, as_json)
 
 
+@bench.command("gateway")
+@click.option("--requests", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True)
+@click.option(
+    "--clients",
+    type=click.IntRange(min=1),
+    default=1000,
+    show_default=True,
+    help="WebSocket clients, each subscribed to its own session.",
+)
+@click.option(
+    "--rate",
+    type=click.FloatRange(min=0, min_open=True),
+    default=500.0,
+    show_default=True,
+    help="Events per second in total, spread over the sessions.",
+)
+@click.option(
+    "--seconds",
+    type=click.FloatRange(min=0, min_open=True),
+    default=10.0,
+    show_default=True,
+    help="How long the events are written at that rate.",
+)
+@click.option(
+    "--chunk-delay-ms",
+    type=click.FloatRange(min=0),
+    default=10.0,
+    show_default=True,
+    help="The fake model's pause between streamed chunks.",
+)
+@click.option("--workdir", type=click.Path(file_okay=False), help="[default: a temp dir]")
+@json_option
+@command
+def bench_gateway(
+    requests: int,
+    warmup: int,
+    clients: int,
+    rate: float,
+    seconds: float,
+    chunk_delay_ms: float,
+    workdir: str | None,
+    as_json: bool,
+) -> None:
+    """Time to first token through the gateway vs direct LiteLLM; WebSocket fan-out; RSS."""
+    from goclaw.bench_gateway import run_gateway_bench
+
+    result = run_gateway_bench(
+        requests=requests,
+        warmup=warmup,
+        clients=clients,
+        rate=rate,
+        seconds=seconds,
+        chunk_delay_ms=chunk_delay_ms,
+        workdir=workdir,
+        progress=None if as_json else print_progress,
+    )
+    print_measures(result, as_json)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
 

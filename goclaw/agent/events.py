@@ -8,8 +8,9 @@ from the session row, so order within a session holds on PostgreSQL too,
 where serial ids are not commit-ordered.
 
 Durability is not paid per token. Token deltas are coalesced: a ``chunk``
-row is written when ``coalesce_seconds`` have passed since the last write or
-``coalesce_chars`` are waiting, and before any other event, so a reader sees
+row is written for a reply's first delta at once (time to first token is
+what a user feels), then when ``coalesce_seconds`` have passed since the
+last write or ``coalesce_chars`` are waiting, and before any other event, so a reader sees
 deltas in order and never after the event that follows them. Each chunk
 also names its ``reply`` (the n-th model reply of the run), so a client can
 drop the partial text of a reply that failed over mid-stream.
@@ -66,6 +67,8 @@ class RunEvents:
         self._pending: list[str] = []
         self._pending_chars = 0
         self._pending_reply = 0
+        #: The reply whose text was last written: time to first token is not coalesced.
+        self._written_reply: int | None = None
         self._last_write = clock()
         #: Measured cost of durability for this run (reported in run.completed).
         self.writes = 0
@@ -89,7 +92,8 @@ class RunEvents:
         self._pending_chars += len(delta)
         self.deltas += 1
         if (
-            self._pending_chars >= self.coalesce_chars
+            reply != self._written_reply  # a reply's first token goes out at once
+            or self._pending_chars >= self.coalesce_chars
             or self.clock() - self._last_write >= self.coalesce_seconds
         ):
             self.flush()
@@ -110,6 +114,7 @@ class RunEvents:
         if not self._pending:
             return []
         text = "".join(self._pending)
+        self._written_reply = self._pending_reply
         self._pending.clear()
         self._pending_chars = 0
         return [("chunk", {"delta": text, "reply": self._pending_reply})]
