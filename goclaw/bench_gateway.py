@@ -363,9 +363,7 @@ class _Client:
         self.session_key = session_key
         self.ws: Any = None
         self.reader: asyncio.Task | None = None
-        self.subscribed: asyncio.Future[dict[str, Any]] = (
-            asyncio.get_running_loop().create_future()
-        )
+        self.subscribed: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         #: (event number, latency in seconds, cursor) per session.event, in arrival order.
         self.events: list[tuple[int, float, int]] = []
         self.backpressure = 0
@@ -462,9 +460,7 @@ async def _fan_out(
     out_of_order = sum(
         1 for c in clients for a, b in zip(c.events, c.events[1:], strict=False) if b[2] <= a[2]
     )
-    misrouted = sum(
-        1 for c in clients for n, _, _ in c.events if n % n_clients != c.index
-    )
+    misrouted = sum(1 for c in clients for n, _, _ in c.events if n % n_clients != c.index)
     gateway_cpu = (
         None
         if cpu_before is None or cpu_after is None

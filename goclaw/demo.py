@@ -2,7 +2,8 @@
 
 What ``make run`` shows a new user: ``goclaw up`` (a gateway and a worker,
 supervised) as a child process, a two-turn conversation with the
-``default`` agent, its replies streamed as the worker writes them (on the
+``default`` agent through the gateway's OpenAI-compatible API, its replies
+streamed as the worker writes them (on the
 local model when no provider key is set, so with no account and no
 network), then a success, a retry that ends in the dead-letter queue, a task
 canceled while it runs, and the final counts, all from processes like
@@ -11,17 +12,18 @@ production's. At the end the stack is stopped the way Ctrl-C stops it.
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
-from goclaw.broker import Broker
 from goclaw.config import Config
 from goclaw.errors import GoclawError
 from goclaw.states import TERMINAL, TaskState
@@ -66,7 +68,7 @@ def run_demo(config: Config, console: Console) -> tuple[int, dict[str, Any]]:
             f"gateway: {url}  (try: curl {url}/healthz)\n",
             highlight=False,
         )
-        talked = _conversation(broker, config, console)
+        talked = _conversation(url, config, console)
 
         console.rule("an echo task")
         ok = broker.submit("echo", {"text": "hello from goclaw"})[0].task_id
@@ -117,11 +119,13 @@ def run_demo(config: Config, console: Console) -> tuple[int, dict[str, Any]]:
 DEMO_QUESTIONS = ("What is the capital of France?", "What language do people speak there?")
 
 
-def _conversation(broker: Broker, config: Config, console: Console) -> dict[str, Any]:
-    """Two turns in one session with the default agent, each reply streamed as it is written."""
+def _conversation(url: str, config: Config, console: Console) -> dict[str, Any]:
+    """Two turns in one session with the default agent, through the gateway's
+    OpenAI-compatible API, each reply streamed (SSE) as the worker writes it."""
     from goclaw.agent.definitions import build_catalog
     from goclaw.agent.tools import BUILTIN_TOOLS
-    from goclaw.agent.turns import follow_turn, new_session_key, submit_turn
+    from goclaw.agent.turns import new_session_key
+    from goclaw.gateway.auth import read_token
 
     agent = build_catalog(config, BUILTIN_TOOLS).get("default")
     session = new_session_key(agent.id)
@@ -133,28 +137,71 @@ def _conversation(broker: Broker, config: Config, console: Console) -> dict[str,
         if missing:
             console.print(f"[red]the local model cannot run: {missing}[/]", highlight=False)
             return {"ok": False, "session_key": session, "error": missing}
+    console.print(
+        f"[dim]POST {url}/v1/chat/completions  model=agent:{agent.id}  stream=true  "
+        f"X-Goclaw-Session: {session}[/]",
+        highlight=False,
+    )
+    token = read_token(config.home)
     replies = []
     for question in DEMO_QUESTIONS:
-        submitted, _ = submit_turn(broker, agent=agent.id, prompt=question, session=session)
         console.print(f"[bold]you:[/] {question}", highlight=False)
         console.print("[bold]agent:[/] ", end="", highlight=False)
-        outcome = follow_turn(
-            broker,
-            submitted.task_id,
-            timeout=300,
-            on_text=lambda text: console.print(text, end="", highlight=False, markup=False),
-        )
+        try:
+            reply = _stream_chat(
+                url,
+                token,
+                agent.id,
+                session,
+                question,
+                on_text=lambda text: console.print(text, end="", highlight=False, markup=False),
+            )
+        except (OSError, GoclawError) as exc:
+            console.print(f"\n[red]{exc}[/]", highlight=False)
+            return {"ok": False, "session_key": session, "error": str(exc)}
         console.print()
-        if outcome.state is not TaskState.SUCCEEDED:
-            console.print(f"[red]{outcome.state.value}: {outcome.error}[/]", highlight=False)
-            return {"ok": False, "session_key": session, "error": outcome.error}
-        replies.append(outcome.reply)
+        replies.append(reply)
     console.print(
         f"\n[dim]session {session}: goclaw --home {config.home} submit "
         f'"..." --session {session} --wait[/]\n',
         highlight=False,
     )
     return {"ok": True, "session_key": session, "replies": replies}
+
+
+def _stream_chat(
+    url: str, token: str, agent: str, session: str, question: str, *, on_text: Any
+) -> str:
+    """One streamed chat completion, read off the wire as any OpenAI client would."""
+    body = {
+        "model": f"agent:{agent}",
+        "stream": True,
+        "messages": [{"role": "user", "content": question}],
+    }
+    request = urllib.request.Request(
+        f"{url}/v1/chat/completions",
+        data=json.dumps(body).encode(),
+        headers={
+            "Authorization": f"Bearer {token}",
+            "Content-Type": "application/json",
+            "X-Goclaw-Session": session,
+        },
+    )
+    text: list[str] = []
+    with urllib.request.urlopen(request, timeout=300) as response:
+        for raw in response:
+            line = raw.decode().strip()
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[len("data: ") :])
+            if "error" in chunk:
+                raise GoclawError(chunk["error"]["message"])
+            for choice in chunk.get("choices") or []:
+                delta = choice["delta"].get("content")
+                if delta:
+                    on_text(delta)
+                    text.append(delta)
+    return "".join(text)
 
 
 def _free_port() -> int:
