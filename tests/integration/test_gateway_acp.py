@@ -342,3 +342,20 @@ def test_a_slow_client_gets_backpressure_and_resumes_without_loss(broker, home):
                 assert seen == list(range(first, first + total)), "every event once, in order"
 
         run(scenario())
+
+
+def test_connections_over_the_limit_get_503_and_the_rest_keep_working(broker, home):
+    with gateway(broker, home, reply_script(), max_connections="2") as (url, _):
+
+        async def scenario() -> None:
+            async with connect(url) as first, connect(url) as second:
+                with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                    async with connect(url):
+                        pass
+                assert refused.value.status == 503
+                assert (await first.call("agent.list"))["agents"]
+                assert (await second.call("agent.list"))["agents"]
+            async with connect(url) as again:  # closed ones free their places
+                assert (await again.call("system.status"))["connections"] == 1
+
+        run(scenario())
