@@ -27,8 +27,9 @@ from aiohttp import WSMsgType, web
 
 from goclaw.agent.definitions import UnknownAgent
 from goclaw.errors import GoclawError, IllegalTransition, TaskNotFound
-from goclaw.event_log import ReplayGap, SessionNotFound
+from goclaw.event_log import ReplayGap, SessionNotFound, Stream
 from goclaw.gateway import jsonrpc
+from goclaw.gateway.acp_methods import dispatch
 from goclaw.gateway.chat import QueueSaturated
 from goclaw.gateway.jsonrpc import RpcError
 from goclaw.gateway.limits import client_keys, origin_allowed
@@ -132,13 +133,11 @@ class Connection:
         self._sub_ids = itertools.count(1)
 
     async def serve(self) -> None:
-        from goclaw.gateway.acp_methods import dispatch
-
         writer = asyncio.create_task(self._write(), name=f"acp-writer-{self.number}")
         try:
             async for frame in self.ws:
                 if frame.type == WSMsgType.TEXT:
-                    await self._handle(frame.data, dispatch)
+                    await self._handle(frame.data)
                 elif frame.type == WSMsgType.BINARY:
                     self.outbox.send(
                         jsonrpc.error(
@@ -165,7 +164,7 @@ class Connection:
             except (ConnectionError, RuntimeError):
                 return  # the reader sees the close and cleans up
 
-    async def _handle(self, text: str, dispatch: Any) -> None:
+    async def _handle(self, text: str) -> None:
         limit = self.state.settings.max_frame_bytes
         if len(text) > limit or len(text.encode()) > limit:
             self.reply_error(
@@ -216,7 +215,7 @@ class Connection:
 
     # -- subscriptions ---------------------------------------------------------------
 
-    def new_subscription(self, stream: Any) -> Subscription:
+    def new_subscription(self, stream: Stream) -> Subscription:
         sub = Subscription(
             f"s{next(self._sub_ids)}", stream, self.outbox, on_overflow=self._overflowed
         )

@@ -17,10 +17,10 @@ import dataclasses
 import time
 from collections.abc import Awaitable, Callable
 from importlib.metadata import version as package_version
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from goclaw import event_log
-from goclaw.agent.definitions import UnknownAgent
+from goclaw.agent.definitions import AgentDefinition, UnknownAgent
 from goclaw.agent.sessions import SessionStore
 from goclaw.agent.turns import agent_load, check_session_key
 from goclaw.config import DEFAULT_AGENT_ID
@@ -29,12 +29,15 @@ from goclaw.gateway.chat import queue_turn
 from goclaw.gateway.jsonrpc import Message, RpcError, invalid_params
 from goclaw.states import TaskState
 
+if TYPE_CHECKING:
+    from goclaw.gateway.acp import Connection
+
 #: Protocol versions this server speaks (inclusive).
 PROTOCOL_VERSIONS = (1, 1)
 MAX_LIST = 500
 MAX_IDEMPOTENCY_KEY = 200
 
-Method = Callable[[Any, dict[str, Any]], Awaitable[Any]]
+Method = Callable[["Connection", dict[str, Any]], Awaitable[Any]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +57,7 @@ def method(name: str, *, mutating: bool = False) -> Callable[[Method], Method]:
     return register
 
 
-async def dispatch(conn: Any, message: Message) -> Any:
+async def dispatch(conn: Connection, message: Message) -> Any:
     spec = METHODS.get(message.method)
     if spec is None:
         raise RpcError(jsonrpc.METHOD_NOT_FOUND, f"no method {message.method[:80]!r}")
@@ -117,7 +120,7 @@ def _kind_name(kind: type | tuple[type, ...]) -> str:
 
 
 @method("system.hello")
-async def system_hello(conn: Any, params: dict[str, Any]) -> dict[str, Any]:
+async def system_hello(conn: Connection, params: dict[str, Any]) -> dict[str, Any]:
     p = Params(params)
     low = p.count("min_version", 1, low=1, high=1_000_000)
     high = p.count("max_version", low, low=1, high=1_000_000)
@@ -150,7 +153,7 @@ async def system_hello(conn: Any, params: dict[str, Any]) -> dict[str, Any]:
 
 
 @method("system.status")
-async def system_status(conn: Any, params: dict[str, Any]) -> dict[str, Any]:
+async def system_status(conn: Connection, params: dict[str, Any]) -> dict[str, Any]:
     Params(params).done()
     state = conn.state
 
@@ -172,14 +175,14 @@ async def system_status(conn: Any, params: dict[str, Any]) -> dict[str, Any]:
 # -- agents ---------------------------------------------------------------------------
 
 
-def _agent(conn: Any, agent_id: str) -> Any:
+def _agent(conn: Connection, agent_id: str) -> Any:
     try:
         return conn.state.agents.current().get(agent_id)
     except UnknownAgent as exc:
         raise RpcError(jsonrpc.NOT_FOUND, str(exc), {"what": "agent"}) from None
 
 
-def describe_agent(agent: Any) -> dict[str, Any]:
+def describe_agent(agent: AgentDefinition) -> dict[str, Any]:
     return {
         "id": agent.id,
         "models": list(agent.models),
@@ -190,14 +193,14 @@ def describe_agent(agent: Any) -> dict[str, Any]:
 
 
 @method("agent.list")
-async def agent_list(conn: Any, params: dict[str, Any]) -> dict[str, Any]:
+async def agent_list(conn: Connection, params: dict[str, Any]) -> dict[str, Any]:
     Params(params).done()
     catalog = conn.state.agents.current()
     return {"agents": [describe_agent(catalog.get(i)) for i in sorted(catalog.agents)]}
 
 
 @method("agent.status")
-async def agent_status(conn: Any, params: dict[str, Any]) -> dict[str, Any]:
+async def agent_status(conn: Connection, params: dict[str, Any]) -> dict[str, Any]:
     p = Params(params)
     agent_id = p.get("agent_id", str, DEFAULT_AGENT_ID)
     p.done()
@@ -207,7 +210,7 @@ async def agent_status(conn: Any, params: dict[str, Any]) -> dict[str, Any]:
 
 
 @method("agent.chat", mutating=True)
-async def agent_chat(conn: Any, params: dict[str, Any]) -> dict[str, Any]:
+async def agent_chat(conn: Connection, params: dict[str, Any]) -> dict[str, Any]:
     p = Params(params)
     agent_id = p.get("agent_id", str, DEFAULT_AGENT_ID)
     session_key = p.get("session_key", str)
@@ -232,7 +235,7 @@ async def agent_chat(conn: Any, params: dict[str, Any]) -> dict[str, Any]:
 
 
 @method("agent.abort", mutating=True)
-async def agent_abort(conn: Any, params: dict[str, Any]) -> dict[str, Any]:
+async def agent_abort(conn: Connection, params: dict[str, Any]) -> dict[str, Any]:
     p = Params(params)
     task_id = p.required("task_id", int)
     reason = p.get("reason", str, "aborted over ACP")
@@ -245,7 +248,7 @@ async def agent_abort(conn: Any, params: dict[str, Any]) -> dict[str, Any]:
 
 
 @method("task.get")
-async def task_get(conn: Any, params: dict[str, Any]) -> dict[str, Any]:
+async def task_get(conn: Connection, params: dict[str, Any]) -> dict[str, Any]:
     p = Params(params)
     task_id = p.required("task_id", int)
     p.done()
@@ -254,7 +257,7 @@ async def task_get(conn: Any, params: dict[str, Any]) -> dict[str, Any]:
 
 
 @method("task.list")
-async def task_list(conn: Any, params: dict[str, Any]) -> dict[str, Any]:
+async def task_list(conn: Connection, params: dict[str, Any]) -> dict[str, Any]:
     p = Params(params)
     state = p.get("state", str)
     kind = p.get("kind", str)
@@ -270,7 +273,7 @@ async def task_list(conn: Any, params: dict[str, Any]) -> dict[str, Any]:
 
 
 @method("session.list")
-async def session_list(conn: Any, params: dict[str, Any]) -> dict[str, Any]:
+async def session_list(conn: Connection, params: dict[str, Any]) -> dict[str, Any]:
     p = Params(params)
     limit = p.count("limit", 50, low=1)
     p.done()
@@ -279,7 +282,7 @@ async def session_list(conn: Any, params: dict[str, Any]) -> dict[str, Any]:
 
 
 @method("session.history")
-async def session_history(conn: Any, params: dict[str, Any]) -> dict[str, Any]:
+async def session_history(conn: Connection, params: dict[str, Any]) -> dict[str, Any]:
     p = Params(params)
     key = p.required("session_key", str)
     after = p.count("after", 0, high=2**62)
@@ -298,7 +301,7 @@ async def session_history(conn: Any, params: dict[str, Any]) -> dict[str, Any]:
 
 
 @method("session.events.subscribe")
-async def events_subscribe(conn: Any, params: dict[str, Any]) -> dict[str, Any]:
+async def events_subscribe(conn: Connection, params: dict[str, Any]) -> dict[str, Any]:
     p = Params(params)
     session_key = p.get("session_key", str)
     task_id = p.get("task_id", int)
@@ -327,7 +330,7 @@ async def events_subscribe(conn: Any, params: dict[str, Any]) -> dict[str, Any]:
 
 
 @method("session.events.unsubscribe")
-async def events_unsubscribe(conn: Any, params: dict[str, Any]) -> dict[str, Any]:
+async def events_unsubscribe(conn: Connection, params: dict[str, Any]) -> dict[str, Any]:
     p = Params(params)
     sub_id = p.required("subscription", str)
     p.done()
