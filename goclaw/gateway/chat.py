@@ -9,11 +9,14 @@ would time out before a worker reaches it.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from goclaw.agent.definitions import AgentDefinition
 from goclaw.agent.turns import agent_load, submit_turn
 from goclaw.records import Submitted
+
+if TYPE_CHECKING:
+    from goclaw.gateway.state import GatewayState
 
 
 class QueueSaturated(Exception):
@@ -37,7 +40,7 @@ class QueueSaturated(Exception):
 
 
 async def queue_turn(
-    state: Any,
+    state: GatewayState,
     agent: AgentDefinition,
     content: str,
     *,

@@ -30,7 +30,7 @@ from aiohttp import web
 
 from goclaw import event_log
 from goclaw.agent.definitions import UnknownAgent
-from goclaw.agent.sessions import SessionStore
+from goclaw.agent.sessions import SessionStore, Usage
 from goclaw.agent.turns import check_session_key
 from goclaw.config import DEFAULT_AGENT_ID
 from goclaw.errors import IllegalTransition
@@ -39,6 +39,7 @@ from goclaw.gateway.limits import retry_after_header
 from goclaw.gateway.pump import Encoded, Subscription
 from goclaw.gateway.responses import openai_error
 from goclaw.gateway.state import STATE, GatewayState
+from goclaw.records import Task
 from goclaw.states import TERMINAL, TaskState
 
 MODEL_PREFIX = "agent:"
@@ -274,15 +275,15 @@ class _Turn:
                     self.state.broker.cancel, self.task_id, reason="client disconnected"
                 )
 
-    async def _outcome(self) -> tuple[Any, Any]:
-        def read() -> tuple[Any, Any]:
+    async def _outcome(self) -> tuple[Task, Usage]:
+        def read() -> tuple[Task, Usage]:
             task = self.state.broker.get(self.task_id)
             usage = SessionStore(self.state.broker.db).usage(task_id=self.task_id)
             return task, usage
 
         return await self.state.db(read)
 
-    def _usage(self, usage: Any) -> dict[str, int]:
+    def _usage(self, usage: Usage) -> dict[str, int]:
         return {
             "prompt_tokens": usage.prompt_tokens,
             "completion_tokens": usage.completion_tokens,
@@ -321,7 +322,7 @@ class _Turn:
             headers=self.headers,
         )
 
-    def _failed(self, task: Any) -> web.Response:
+    def _failed(self, task: Task) -> web.Response:
         return openai_error(
             502 if task.state is not TaskState.CANCELED else 409,
             f"the turn ended {task.state.value}: {task.last_error or task.reason or ''}".strip(),
