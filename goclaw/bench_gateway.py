@@ -651,9 +651,9 @@ def _notes(clients: int, rate: float, seconds: float, chunk_delay: float, env: d
             "RSS: VmRSS of the gateway process: idle after start-up (settled), after the "
             "streamed requests, with every client subscribed (1 s after the last subscribe), "
             "after the events were delivered, and 1 s after the clients closed.",
-            f"Gateway settings overridden for the bench: {', '.join(overrides)} "
-            "(every client connects from one IP; the default limit of 200/s with a burst of "
-            "400 would refuse the subscribes). The gateway's poll_seconds is at its default.",
+            f"Gateway settings overridden: {', '.join(overrides)} (the rate limits by the "
+            "bench: every client connects from one IP, and the default 200/s with a burst of "
+            "400 would refuse the subscribes; any other by the environment).",
         ]
     )
 

@@ -62,3 +62,29 @@ def test_agent_bench_measures_both_sides(tmp_path: Path) -> None:
     )
     assert result["event_writes_per_turn"] >= 1 and result["chunk_deltas_per_turn"] > 1
     assert result["worker_rss_idle_mb"] > 50 and result["worker_rss_after_mb"] > 50
+
+
+@pytest.mark.slow
+def test_gateway_bench_streams_and_fans_out(tmp_path: Path) -> None:
+    from goclaw.bench_gateway import run_gateway_bench
+
+    result = run_gateway_bench(
+        requests=3, warmup=0, clients=20, rate=50, seconds=1, chunk_delay_ms=2, workdir=tmp_path
+    )
+    for side in ("direct", "goclaw"):
+        for measure in ("ttft", "total"):
+            assert result[f"{side}_{measure}_p50_ms"] > 0, (side, measure)
+    assert result["added_ttft_p50_ms"] == pytest.approx(
+        result["goclaw_ttft_p50_ms"] - result["direct_ttft_p50_ms"], abs=0.02
+    )
+    assert result["requests"] == 3 and result["chunk_events_per_reply"] >= 1
+    # Fan-out: every event reached its one subscriber, once, in order.
+    assert result["fanout_clients"] == 20
+    assert result["fanout_events_expected"] == 50
+    assert result["fanout_events_delivered"] == 50
+    for key in ("duplicates", "out_of_order", "misrouted", "backpressure_notices"):
+        assert result[f"fanout_{key}"] == 0, key
+    assert result["fanout_latency_p99_ms"] is not None
+    for key in ("idle", "subscribed", "after_close"):
+        assert result[f"gateway_rss_{key}_mb"] > 20, key
+    assert (tmp_path / "gateway.log").exists() and (tmp_path / "writer.json").exists()

@@ -28,7 +28,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from goclaw.config import load_config
@@ -42,6 +42,8 @@ LIMIT = 4096
 #: aiohttp itself closes the socket (1009) on a frame of this many bytes or more.
 HARD_LIMIT = LIMIT * HARD_FRAME_FACTOR
 EXAMPLES = 1500
+#: Seconds to wait for a reply: a loopback round trip takes about a millisecond.
+READ_TIMEOUT = 5.0
 
 # JSON-RPC 2.0 codes (the spec) and goclaw's own (the table in jsonrpc.py's docstring).
 PARSE_ERROR, INVALID_REQUEST, METHOD_NOT_FOUND, INVALID_PARAMS = -32700, -32600, -32601, -32602
@@ -96,12 +98,14 @@ TEXT_CHARS = st.one_of(
     st.sampled_from(["\x00", "\ufeff", "\ufffe", "\uffff", "\u2028", "\u202e", "\U0010ffff"]),
     st.sampled_from(['"', "\\", "{", "}", "[", "]", ":", ",", "é", "😀", "\r", "\n", "\x7f"]),
 )
-#: Inside JSON strings lone surrogates are fine: they travel as \\udXXX escapes.
-VALUE_CHARS = st.one_of(TEXT_CHARS, st.integers(0xD800, 0xDFFF).map(chr))
-#: String ids are echoed in the reply. A lone surrogate in one kills the connection's writer
-#: (see test_a_string_id_with_a_lone_surrogate_gets_its_reply below), so ids leave them out
-#: until that is fixed; every other string position keeps them.
-ID_CHARS = TEXT_CHARS
+#: Inside JSON strings lone surrogates are valid JSON: they travel as \\udXXX escapes. But
+#: a reply that carries one back (an echoed id; a prompt stored by agent.chat and returned by
+#: task.get/task.list) kills the connection's writer: see the xfail tests at the end. Turn
+#: this on once they pass.
+LONE_SURROGATES = False
+SURROGATES = st.integers(0xD800, 0xDFFF).map(chr)
+VALUE_CHARS = st.one_of(TEXT_CHARS, SURROGATES) if LONE_SURROGATES else TEXT_CHARS
+ID_CHARS = VALUE_CHARS
 RAW_NUMBERS = st.sampled_from(
     [
         "1e400",
@@ -130,8 +134,10 @@ SCALARS = st.one_of(
 )
 JSON_VALUES = st.recursive(
     SCALARS,
-    lambda kids: st.lists(kids, max_size=4)
-    | st.dictionaries(st.text(VALUE_CHARS, max_size=8), kids, max_size=4),
+    lambda kids: (
+        st.lists(kids, max_size=4)
+        | st.dictionaries(st.text(VALUE_CHARS, max_size=8), kids, max_size=4)
+    ),
     max_leaves=12,
 )
 GOOD_IDS = st.one_of(
@@ -161,6 +167,8 @@ PARAM_VALUES = st.one_of(
     JSON_VALUES,
 )
 METHOD_NAMES = st.one_of(
+    st.sampled_from(REAL_METHODS),
+    st.sampled_from(REAL_METHODS),
     st.sampled_from(REAL_METHODS),
     st.sampled_from(["rpc.discover", "system.Hello", "agent.list ", "AGENT.LIST", "agent", "."]),
     st.text(VALUE_CHARS, max_size=30),
@@ -240,6 +248,38 @@ def requestish(draw: st.DrawFn) -> Pairs:
     return Pairs(draw(st.permutations(members)))
 
 
+#: Values of the right type and near the real ones, so requests reach the methods' insides.
+PLAUSIBLE: dict[str, st.SearchStrategy] = {
+    "min_version": st.integers(0, 3),
+    "max_version": st.integers(0, 3),
+    "client": st.dictionaries(st.sampled_from(["name", "version"]), SCALARS, max_size=2),
+    "agent_id": st.sampled_from(["default", "default", "ghost", ""]),
+    "session_key": st.sampled_from(["s1", "s2", "", "a b", "x" * 201, "s\x00"]),
+    "content": st.sampled_from(["hi", "what is 2+2?", " ", ""]) | st.text(VALUE_CHARS, max_size=20),
+    "idempotency_key": st.sampled_from(["k1", "k2", "", "k\x00"]),
+    "task_id": st.integers(0, 12) | st.sampled_from([2**63, -(2**63) - 1, 10**30]),
+    "reason": st.text(VALUE_CHARS, max_size=20),
+    "state": st.sampled_from(["QUEUED", "CANCELED", "SUCCEEDED", "queued", "NOPE"]),
+    "kind": st.sampled_from(["agent", "noop", "a\x00"]),
+    "limit": st.integers(0, 3) | st.integers(495, 505),
+    "after": st.integers(-1, 5),
+    "from_event_id": st.integers(-1, 5),
+    "subscription": st.sampled_from(["s1", "s2", "s3", "nope"]),
+}
+
+
+@st.composite
+def plausible(draw: st.DrawFn) -> Pairs:
+    """A well-formed request to a real method, params mostly of the right names and types."""
+    method = draw(st.sampled_from(REAL_METHODS))
+    names = draw(st.lists(st.sampled_from(PARAMS.get(method) or ("x",)), unique=True))
+    params = {n: draw(PLAUSIBLE.get(n, PARAM_VALUES) | st.just(None)) for n in names}
+    members = [("jsonrpc", "2.0"), ("method", method), ("params", params)]
+    if draw(st.integers(0, 9)):
+        members.append(("id", draw(GOOD_IDS)))
+    return Pairs(members)
+
+
 SEPARATORS = st.sampled_from(["", "", " ", "\n\t "])
 
 
@@ -254,9 +294,10 @@ def json_frame(draw: st.DrawFn, values: st.SearchStrategy) -> str:
 def token_soup(draw: st.DrawFn) -> str:
     """JSON's own tokens in random order: mostly broken, sometimes accidentally valid."""
     tokens = st.sampled_from(
-        ['{', '}', '[', ']', ',', ':', '"', '"jsonrpc"', '"2.0"', '"id"', '"method"', '"params"']
+        ["{", "}", "[", "]", ",", ":", '"', '"jsonrpc"', '"2.0"', '"id"', '"method"', '"params"']
         + ['"agent.list"', "null", "true", "false", "1", "-0", "1e400", "NaN", "01", "1.", "+1"]
-        + ['"\\ud800"', '"\\u0000"', '"\\x"', " ", "\n", "\ufeff", "/*", "'"]
+        + ['"\\u0000"', '"\\x"', " ", "\n", "\ufeff", "/*", "'"]
+        + (['"\\ud800"'] if LONE_SURROGATES else [])
     )
     return "".join(draw(st.lists(tokens, max_size=30)))
 
@@ -314,6 +355,11 @@ FRAMES = st.one_of(
     json_frame(requestish()),
     json_frame(requestish()),
     json_frame(requestish()),
+    json_frame(plausible()),
+    json_frame(plausible()),
+    json_frame(plausible()),
+    json_frame(plausible()),
+    json_frame(plausible()),
     json_frame(st.lists(requestish(), max_size=4)),  # batches
     deep(),
     sized(),
@@ -337,10 +383,32 @@ class Expect:
     codes: frozenset[int] | None = None
     id: Any = None
     why: str = ""
+    #: A known bug answers this request -32603 (see known_internal_error).
+    internal_ok: bool = False
 
 
 def error(why: str, *codes: int, id: Any = None) -> Expect:
     return Expect("yes", frozenset(codes), id, why)
+
+
+INT64 = range(-(2**63), 2**63)
+
+
+def known_internal_error(params: dict[str, Any]) -> bool:
+    """Client input that gets -32603, a server fault, today: a task id beyond 64 bits on
+    SQLite, a NUL character in a string that reaches a PostgreSQL query. Both are bugs
+    (xfail tests at the end); the fuzz only checks the connection survives them."""
+    for value in params.values():
+        if isinstance(value, int) and not isinstance(value, bool) and value not in INT64:
+            return True
+        if isinstance(value, str) and "\x00" in value:
+            return True
+    return False
+
+
+def known_internal_log(record: logging.LogRecord) -> bool:
+    exc = record.exc_info[1] if record.exc_info else None
+    return isinstance(exc, OverflowError) or "cannot contain NUL" in str(exc)
 
 
 def valid_id(value: Any) -> bool:
@@ -391,7 +459,8 @@ def oracle(frame: str | bytes) -> Expect:
     unknown = set(params or {}) - set(PARAMS.get(method, set(params or {})))
     if unknown:
         return error(f"unknown params {sorted(unknown)}", INVALID_PARAMS, id=data["id"])
-    return Expect("yes", None, data["id"], f"a request for {method}")
+    known = known_internal_error(params or {})
+    return Expect("yes", None, data["id"], f"a request for {method}", internal_ok=known)
 
 
 def same_id(a: Any, b: Any) -> bool:
@@ -446,6 +515,9 @@ class FuzzClient:
         self.notifications = 0
         self.outcomes: collections.Counter[str] = collections.Counter()
         self._sentinels = 0
+        #: The first failure. The connection's state is shared by every example, so after a
+        #: failure the rest would fail for its sake: they re-raise it instead.
+        self.failure: BaseException | None = None
 
     async def open(self) -> None:
         self.session = aiohttp.ClientSession()
@@ -463,7 +535,10 @@ class FuzzClient:
 
     async def read(self) -> dict[str, Any]:
         assert self.ws is not None
-        frame = await self.ws.receive(timeout=15)
+        try:
+            frame = await self.ws.receive(timeout=READ_TIMEOUT)
+        except TimeoutError:
+            raise AssertionError(f"nothing within {READ_TIMEOUT} s: a reply is missing") from None
         assert frame.type == aiohttp.WSMsgType.TEXT, f"the connection ended: {frame!r}"
         message = json.loads(frame.data)
         assert isinstance(message, dict), message
@@ -473,7 +548,9 @@ class FuzzClient:
         """A well-formed request; its reply, with any notifications on the way skipped."""
         self._sentinels += 1
         ident = f"~sentinel~{self._sentinels}"
-        await self.send(json.dumps({"jsonrpc": "2.0", "id": ident, "method": method, "params": params}))
+        await self.send(
+            json.dumps({"jsonrpc": "2.0", "id": ident, "method": method, "params": params})
+        )
         while True:
             message = await self.read()
             if "id" in message:
@@ -514,6 +591,15 @@ class FuzzClient:
                 replies.append(message)
 
     async def check(self, frame: str | bytes) -> None:
+        if self.failure is not None:
+            raise self.failure
+        try:
+            await self._check(frame)
+        except BaseException as exc:
+            self.failure = exc
+            raise
+
+    async def _check(self, frame: str | bytes) -> None:
         expect = oracle(frame)
         replies = await self.exchange(frame)
         self.examples += 1
@@ -530,6 +616,8 @@ class FuzzClient:
         assert same_id(reply["id"], expect.id), f"{expect.why}: id {reply} for {shown}"
         if expect.codes is None:
             code = reply["error"]["code"] if "error" in reply else "result"
+            if code == INTERNAL_ERROR:
+                assert expect.internal_ok, f"an internal error for client input: {reply} {shown}"
             self.outcomes[f"method: {code}"] += 1
             return
         assert "error" in reply, f"{expect.why}: expected an error, got {reply} for {shown}"
@@ -568,6 +656,9 @@ def healthz(url: str) -> dict[str, Any]:
 FUZZ = settings(
     max_examples=EXAMPLES,
     deadline=None,
+    # No shrinking: every example shares one connection, so a smaller frame replayed later
+    # does not reproduce the state the failing one met. The failing frame is reported as is.
+    phases=[Phase.generate],
     derandomize=True,  # the same frames on every run: a CI failure reproduces
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
@@ -604,8 +695,179 @@ def test_random_and_malformed_frames_each_get_the_right_answer(broker, home, cap
         print(
             f"\nfuzz: {client.examples} examples, {client.sent} frames sent "
             f"({client.replies} replies checked, {client.notifications} notifications); "
-            f"outcomes {dict(sorted(client.outcomes.items()))}"
+            f"outcomes {dict(sorted(client.outcomes.items()))}; "
+            f"{len(caplog.records)} error logs from the known bugs"
         )
     assert client.examples >= EXAMPLES
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
-    assert not errors, f"the gateway logged errors: {[r.getMessage() for r in errors[:5]]}"
+    unexpected = [r for r in errors if not known_internal_log(r)]
+    assert not unexpected, f"the gateway logged errors: {[r.getMessage() for r in unexpected]}"
+
+
+# -- what one connection cannot survive, by the WebSocket RFC; the gateway still does ----------
+
+
+async def ws_connect(session: aiohttp.ClientSession, url: str) -> aiohttp.ClientWebSocketResponse:
+    return await session.ws_connect(
+        url.replace("http://", "ws://") + "/ws", headers={"Authorization": f"Bearer {TOKEN}"}
+    )
+
+
+async def still_serving(session: aiohttp.ClientSession, url: str) -> None:
+    ws = await ws_connect(session, url)
+    try:
+        await ws.send_str('{"jsonrpc":"2.0","id":"ok","method":"task.list"}')
+        reply = json.loads((await ws.receive(READ_TIMEOUT)).data)
+        assert reply["id"] == "ok" and "result" in reply, reply
+    finally:
+        await ws.close()
+    async with session.get(f"{url}/healthz") as response:
+        assert response.status == 200
+
+
+@pytest.mark.parametrize(
+    ("opcode", "payload", "close_code"),
+    [
+        # RFC 6455 8.1: a text frame that is not UTF-8 fails the connection (1007).
+        (aiohttp.WSMsgType.TEXT, b'{"jsonrpc":"2.0","id":1,"method":"\xff\xfe"}', 1007),
+        (aiohttp.WSMsgType.TEXT, b"\xed\xa0\x80", 1007),  # a UTF-8-encoded surrogate
+        # Past HARD_FRAME_FACTOR x max_frame_bytes aiohttp refuses the frame itself (1009).
+        (aiohttp.WSMsgType.TEXT, b"x" * HARD_LIMIT, 1009),
+        (aiohttp.WSMsgType.BINARY, b"\x00" * (HARD_LIMIT + 1), 1009),
+    ],
+    ids=["invalid-utf8", "encoded-surrogate", "text-at-hard-cap", "binary-over-hard-cap"],
+)
+def test_frames_that_end_the_connection_end_only_that_one(
+    broker, home, opcode, payload, close_code
+):
+    with gateway(broker, home) as url:
+
+        async def scenario() -> None:
+            async with aiohttp.ClientSession() as session:
+                ws = await ws_connect(session, url)
+                try:
+                    await ws.send_frame(payload, opcode)
+                    message = await ws.receive(READ_TIMEOUT)
+                    assert message.type == aiohttp.WSMsgType.CLOSE, message
+                    assert message.data == close_code, message
+                finally:
+                    await ws.close()
+                await still_serving(session, url)
+
+        asyncio.run(scenario())
+
+
+# -- known bugs ---------------------------------------------------------------------------
+
+
+LONE_SURROGATE_BUG = (
+    "a reply holding a lone surrogate (JSON escape \\udXXX) cannot be UTF-8 encoded: "
+    "jsonrpc.dumps uses ensure_ascii=False and Connection._write does not catch "
+    "UnicodeEncodeError, so the writer dies and the connection never answers again"
+)
+
+
+async def request(ws: aiohttp.ClientWebSocketResponse, frame: str) -> dict[str, Any]:
+    await ws.send_str(frame)
+    try:
+        return json.loads((await ws.receive(2.0)).data)
+    except TimeoutError:
+        raise AssertionError(f"no reply to {frame}") from None
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=LONE_SURROGATE_BUG)
+def test_a_string_id_with_a_lone_surrogate_gets_its_reply(broker, home):
+    with gateway(broker, home) as url:
+
+        async def scenario() -> None:
+            async with aiohttp.ClientSession() as session:
+                ws = await ws_connect(session, url)
+                try:
+                    reply = await request(
+                        ws, r'{"jsonrpc":"2.0","id":"\ud800","method":"agent.list"}'
+                    )
+                    assert reply["id"] == "\ud800" and "result" in reply
+                    after = await request(ws, '{"jsonrpc":"2.0","id":2,"method":"agent.list"}')
+                    assert after["id"] == 2
+                finally:
+                    await ws.close()
+
+        asyncio.run(scenario())
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=LONE_SURROGATE_BUG)
+def test_a_prompt_with_a_lone_surrogate_does_not_silence_other_clients(broker, home):
+    with gateway(broker, home) as url:
+
+        async def scenario() -> None:
+            async with aiohttp.ClientSession() as session:
+                writer, reader = await ws_connect(session, url), await ws_connect(session, url)
+                try:
+                    await request(writer, '{"jsonrpc":"2.0","id":1,"method":"system.hello"}')
+                    chat = await request(
+                        writer,
+                        r'{"jsonrpc":"2.0","id":2,"method":"agent.chat",'
+                        r'"params":{"content":"hi \udcb5"}}',
+                    )
+                    assert "result" in chat, chat  # accepted and stored
+                    # Another client lists the tasks: the stored prompt comes back in the reply.
+                    listed = await request(reader, '{"jsonrpc":"2.0","id":3,"method":"task.list"}')
+                    assert "result" in listed, listed
+                finally:
+                    await writer.close()
+                    await reader.close()
+
+        asyncio.run(scenario())
+
+
+INTERNAL_ERROR_BUG = (
+    "client input answered -32603 internal error (logged with a traceback) instead of "
+    "-32602/-32001: {}"
+)
+
+
+def database_is(broker, name: str) -> bool:
+    return broker.db.is_sqlite == (name == "sqlite")
+
+
+async def replies_to(url: str, frames: list[str]) -> list[dict[str, Any]]:
+    async with aiohttp.ClientSession() as session:
+        ws = await ws_connect(session, url)
+        try:
+            return [await request(ws, frame) for frame in frames]
+        finally:
+            await ws.close()
+
+
+def test_a_task_id_beyond_64_bits_is_not_an_internal_error(broker, home, request):
+    if database_is(broker, "sqlite"):
+        reason = INTERNAL_ERROR_BUG.format("OverflowError binding the id on SQLite")
+        request.applymarker(pytest.mark.xfail(strict=True, raises=AssertionError, reason=reason))
+    frames = [
+        '{"jsonrpc":"2.0","id":0,"method":"system.hello"}',
+        '{"jsonrpc":"2.0","id":1,"method":"task.get","params":{"task_id":9223372036854775808}}',
+        '{"jsonrpc":"2.0","id":2,"method":"agent.abort","params":{"task_id":-9223372036854775809}}',
+        '{"jsonrpc":"2.0","id":3,"method":"session.events.subscribe",'
+        '"params":{"task_id":100000000000000000000}}',
+    ]
+    with gateway(broker, home) as url:
+        replies = asyncio.run(replies_to(url, frames))
+    for reply in replies[1:]:
+        assert reply["error"]["code"] in (-32001, INVALID_PARAMS), reply
+
+
+def test_a_nul_character_in_a_string_param_is_not_an_internal_error(broker, home, request):
+    if database_is(broker, "postgresql"):
+        reason = INTERNAL_ERROR_BUG.format("PostgreSQL text cannot hold NUL (DataError)")
+        request.applymarker(pytest.mark.xfail(strict=True, raises=AssertionError, reason=reason))
+    frames = [
+        '{"jsonrpc":"2.0","id":0,"method":"system.hello"}',
+        '{"jsonrpc":"2.0","id":1,"method":"task.list","params":{"kind":"a\\u0000"}}',
+        '{"jsonrpc":"2.0","id":2,"method":"session.history","params":{"session_key":"s\\u0000"}}',
+        '{"jsonrpc":"2.0","id":3,"method":"agent.chat",'
+        '"params":{"content":"hi","idempotency_key":"k\\u0000"}}',
+    ]
+    with gateway(broker, home) as url:
+        replies = asyncio.run(replies_to(url, frames))
+    for reply in replies[1:]:
+        assert reply.get("error", {}).get("code") != INTERNAL_ERROR, reply
