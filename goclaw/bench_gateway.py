@@ -271,11 +271,11 @@ def _measure_streaming(
     }
     # The goclaw side's first token, split by the event log's wall-clock stamps (p50 each).
     for key, label in (
-        ("to_submitted", "ttft_split_http_to_queued_p50_ms"),
-        ("queue", "ttft_split_queued_to_started_p50_ms"),
-        ("setup", "ttft_split_started_to_run_started_p50_ms"),
-        ("first_write", "ttft_split_run_started_to_first_chunk_write_p50_ms"),
-        ("delivery", "ttft_split_first_chunk_write_to_client_p50_ms"),
+        ("to_submitted", "ttft_p50_request_to_queued_ms"),
+        ("queue", "ttft_p50_queued_to_started_ms"),
+        ("setup", "ttft_p50_started_to_run_ms"),
+        ("first_write", "ttft_p50_run_to_first_chunk_ms"),
+        ("delivery", "ttft_p50_first_chunk_to_client_ms"),
     ):
         result[label] = _p50(sorted(s[key] for s in through))
     result["chunk_events_per_reply"] = round(statistics.mean(s["chunk_events"] for s in through), 1)
@@ -639,9 +639,9 @@ def _notes(clients: int, rate: float, seconds: float, chunk_delay: float, env: d
             f"'agent:{AGENT}', stream=True), a new session each, one worker process "
             "(concurrency 1). TTFT is to the first non-empty content delta; total to the end of "
             f"the stream. The two alternate, {SETTLE_SECONDS * 1000:g} ms apart; p95 is "
-            "nearest-rank. The ttft_split_* figures come from the event log's wall-clock "
-            "stamps (task.submitted, task.started, run.started, the first chunk event) and the "
-            "client's receive time.",
+            "nearest-rank. The ttft_p50_*_to_* figures (medians) come from the event log's "
+            "wall-clock stamps (task.submitted, task.started, run.started, the first chunk "
+            "event) and the client's receive time.",
             f"Fan-out: {clients} sessions, one WebSocket client each (aiohttp, one event loop in "
             "the bench process, session.events.subscribe from 0, no hello), events round-robin "
             f"over the sessions at {rate:g}/s in total for {seconds:g} s (each session gets one "
