@@ -8,7 +8,10 @@ app and feeds every subscriber; the one database thread serves every handler.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import resource
 
 from aiohttp import web
 
@@ -23,6 +26,8 @@ from goclaw.gateway.limits import rate_limit
 from goclaw.gateway.metrics import metrics_handler
 from goclaw.gateway.openai_api import chat_completions, list_models
 from goclaw.gateway.state import STATE, GatewayState
+
+log = logging.getLogger(__name__)
 
 
 def create_app(config: Config, broker: Broker) -> web.Application:
@@ -52,9 +57,28 @@ async def _close(app: web.Application) -> None:
     await app[STATE].close()
 
 
+def raise_file_limit() -> int:
+    """Lift the soft open-files limit to the hard one: each WebSocket is a descriptor, and
+    the usual soft default (1,024) is below ``gateway.max_connections`` (2,000)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
 def run_gateway(config: Config, *, host: str | None = None, port: int | None = None) -> None:
     from goclaw.worker import open_broker
 
+    files = raise_file_limit()
+    if files < config.gateway.max_connections + 64:
+        log.warning(
+            "open-files limit %d is below gateway.max_connections (%d) plus headroom: "
+            "connections beyond it will fail; raise LimitNOFILE / ulimit -n",
+            files,
+            config.gateway.max_connections,
+        )
     broker = open_broker(config)
     try:
         app = create_app(config, broker)
