@@ -25,7 +25,7 @@ from typing import Any
 
 from goclaw.backoff import retry_delay
 from goclaw.config import BrokerSettings
-from goclaw.doorbell import ANY_QUEUE, Doorbell
+from goclaw.doorbell import ANY_QUEUE, EVENTS, Doorbell
 from goclaw.errors import GoclawError, IllegalTransition, TaskNotFound
 from goclaw.records import (
     EVENT_COLUMNS,
@@ -774,6 +774,8 @@ class Broker:
             "worker, detail, session_key, seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             values,
         )
+        if wanted:  # someone may follow these sessions: wake the gateway now
+            self.doorbell.ring(self.db, EVENTS)
 
 
 class _TransactionState(threading.local):

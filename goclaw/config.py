@@ -174,8 +174,9 @@ class GatewaySettings:
     rate_limit_per_second: float = 200.0
     #: Burst above the rate before requests get 429.
     rate_limit_burst: int = 400
-    #: How often the gateway looks for new events to stream to subscribers.
-    poll_seconds: float = 0.02
+    #: How often the gateway looks for new events to stream when no doorbell rings (workers
+    #: ring one after each event commit; this is the fallback if a ring is lost).
+    poll_seconds: float = 0.05
     #: The hint sent with a 429 / queue-saturated error when an agent's queue is full.
     saturated_retry_after_seconds: float = 2.0
 

@@ -31,6 +31,10 @@ log = logging.getLogger(__name__)
 
 CHANNEL = "goclaw_tasks"
 ANY_QUEUE = "*"
+#: Not a queue: rung after a commit that wrote events a follower may be waiting for
+#: (agent events, state changes of session-bound tasks), so the gateway's event pump
+#: wakes at once instead of at its next poll.
+EVENTS = "goclaw.events"
 
 
 class Doorbell:

@@ -10,9 +10,24 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import socket
 from typing import Any
 
 import aiohttp
+
+
+def small_window_connector(receive_buffer: int = 8192) -> aiohttp.TCPConnector:
+    """Sockets with a small, fixed receive buffer (no autotuning): a client that stops
+    reading stalls the gateway's sends after kilobytes, not megabytes, so a slow-client
+    test does not depend on how large the kernel lets loopback buffers grow."""
+
+    def make(addr_info: Any) -> socket.socket:
+        family, type_, proto, _, _ = addr_info
+        sock = socket.socket(family, type_, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+        return sock
+
+    return aiohttp.TCPConnector(socket_factory=make)
 
 
 class AcpError(Exception):

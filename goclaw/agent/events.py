@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 from goclaw.agent.sessions import SessionStore
+from goclaw.doorbell import EVENTS, Doorbell
 from goclaw.store.database import Database
 
 #: Every agent event type, for readers that want to tell them from state changes.
@@ -50,6 +51,7 @@ class RunEvents:
         task_id: int,
         session_key: str,
         worker: str | None = None,
+        doorbell: Doorbell | None = None,
         coalesce_seconds: float = 0.05,
         coalesce_chars: int = 1024,
         clock: Callable[[], float] = time.monotonic,
@@ -60,6 +62,7 @@ class RunEvents:
         self.task_id = task_id
         self.session_key = session_key
         self.worker = worker
+        self.doorbell = doorbell
         self.coalesce_seconds = coalesce_seconds
         self.coalesce_chars = coalesce_chars
         self.clock = clock
@@ -140,6 +143,8 @@ class RunEvents:
                     for i, (type, data) in enumerate(rows)
                 ],
             )
+            if self.doorbell is not None:
+                self.doorbell.ring(self.db, EVENTS)
         self._last_write = self.clock()
         self.writes += 1
         self.write_seconds += time.perf_counter() - started

@@ -50,6 +50,7 @@ from goclaw.agent.tools import (
     tools_for,
 )
 from goclaw.context import TaskContext
+from goclaw.doorbell import Doorbell
 from goclaw.errors import PermanentTaskError, TaskCanceled
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,8 @@ class AgentServices:
     )
     #: Event coalescing (see RunEvents); short in tests, 50 ms by default.
     coalesce_seconds: float = 0.05
+    #: Rung after each event write, so followers (the gateway) need not poll.
+    doorbell: Doorbell | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,6 +127,7 @@ class AgentTurn:
             task_id=ctx.task_id,
             session_key=session_key,
             worker=worker,
+            doorbell=services.doorbell,
             coalesce_seconds=services.coalesce_seconds,
         )
         self.deadline = clock() + agent.settings.task_timeout_seconds

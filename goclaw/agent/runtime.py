@@ -47,6 +47,7 @@ class AgentRuntime:
             sessions=SessionStore(db),
             effects=EffectLedger(db),
             router=ModelRouter(env=env),
+            doorbell=app.broker.doorbell,
         )
         self._slots: dict[tuple[str, int], threading.BoundedSemaphore] = {}
         self._slots_lock = threading.Lock()

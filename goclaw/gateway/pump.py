@@ -1,7 +1,10 @@
 """The event pump: one reader of the event log, fanned out to every subscriber.
 
 A thousand clients following a thousand sessions must not mean a thousand
-database queries per poll. Each tick, the pump asks the database one cheap
+database queries per poll. A tick runs when a worker rings the events
+doorbell after committing events (``goclaw.doorbell.EVENTS``), or at the
+latest every ``poll_seconds`` (a ring is a hint and may be lost). Each tick,
+the pump asks the database one cheap
 question (which streams have rows with an id above the last one seen?), then
 reads only those streams, by their commit-ordered cursor
 (``goclaw.event_log``), and hands each new event, serialised once, to every
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import json
@@ -36,6 +40,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from goclaw import event_log
+from goclaw.doorbell import EVENTS, Doorbell, Listener
 from goclaw.event_log import Stream
 from goclaw.records import TaskEvent
 from goclaw.store.database import Database
@@ -136,8 +141,13 @@ class EventPump:
         *,
         poll_seconds: float,
         page_size: int,
+        doorbell: Doorbell | None = None,
     ) -> None:
         self.db = db
+        #: Rung by workers after they commit events: a tick at once, not at the next poll.
+        self.doorbell = doorbell
+        self._listener: Listener | None = None
+        self._waiter = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pump-bell")
         self.run_db = run_db  # GatewayState.db: runs a blocking call on the database thread
         self.poll_seconds = poll_seconds
         self.page_size = page_size
@@ -158,25 +168,45 @@ class EventPump:
         self._task = asyncio.create_task(self._run(), name="event-pump")
 
     async def stop(self) -> None:
+        if self._listener is not None:
+            self._listener.close()  # wakes a waiting thread at once
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
     async def _run(self) -> None:
-        started = False
-        while True:
+        loop = asyncio.get_running_loop()
+        if self.doorbell is not None:
             try:
-                if not started:
-                    self._seen_id = await self.run_db(self._max_id)
-                    started = True
-                await self.tick()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # a database hiccup must not end streaming for good
-                log.exception("event pump: tick failed; retrying")
-                await asyncio.sleep(min(1.0, self.poll_seconds * 10))
-            await asyncio.sleep(self.poll_seconds)
+                self._listener = await loop.run_in_executor(
+                    self._waiter, self.doorbell.listen, self.db, EVENTS, 1
+                )
+            except Exception as exc:  # no doorbell: polling alone still delivers everything
+                log.warning(
+                    "event pump: no doorbell (%s); polling every %ss", exc, self.poll_seconds
+                )
+        started = False
+        try:
+            while True:
+                try:
+                    if not started:
+                        self._seen_id = await self.run_db(self._max_id)
+                        started = True
+                    await self.tick()
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # a database hiccup must not end streaming for good
+                    log.exception("event pump: tick failed; retrying")
+                    await asyncio.sleep(min(1.0, self.poll_seconds * 10))
+                if self._listener is not None:
+                    await loop.run_in_executor(self._waiter, self._listener.wait, self.poll_seconds)
+                else:
+                    await asyncio.sleep(self.poll_seconds)
+        finally:
+            if self._listener is not None:
+                self._listener.close()
+            self._waiter.shutdown(wait=False)
 
     # -- subscribing ---------------------------------------------------------
 

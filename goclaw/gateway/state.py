@@ -42,6 +42,7 @@ class GatewayState:
             self.db,
             poll_seconds=self.settings.poll_seconds,
             page_size=self.settings.replay_page_size,
+            doorbell=broker.doorbell,
         )
         #: Open WebSocket connections.
         self.connections = 0

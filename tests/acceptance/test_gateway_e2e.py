@@ -18,7 +18,7 @@ import yaml
 from goclaw.fake_llm import FakeLLM, Script
 from goclaw.states import TERMINAL, TaskState
 from tests.acceptance.conftest import AUTH_TOKEN, Stack
-from tests.acp_client import AcpClient
+from tests.acp_client import AcpClient, small_window_connector
 
 pytestmark = pytest.mark.slow
 
@@ -99,14 +99,16 @@ def test_sigkill_of_the_gateway_mid_stream_loses_and_repeats_nothing(make_stack,
 
 def test_a_slow_client_of_a_real_run_gets_backpressure_and_misses_nothing(make_stack, fake):
     # Megabytes of events: more than the socket buffers between the two ends can hold.
-    reply = {"content": "x" * 4_000_000, "chunk_size": 2000}
+    # (Distinct chunks: LiteLLM ends a stream that repeats one chunk 100 times.)
+    text = " ".join(f"w{i:06d}" for i in range(250_000))
+    reply = {"content": text, "chunk_size": 2000}
     stack = gateway_stack(make_stack, fake, {"replies": [reply]})
     stack.env["GOCLAW_GATEWAY__SEND_QUEUE_SIZE"] = "4"
     stack.worker()
     gateway = stack.gateway()
 
-    async def scenario() -> tuple[list[int], list[dict], str]:
-        async with aiohttp.ClientSession() as http:
+    async def scenario() -> tuple[list[int], list[dict], str, int]:
+        async with aiohttp.ClientSession(connector=small_window_connector()) as http:
             acp = await AcpClient.connect(http, gateway.url, AUTH_TOKEN, max_msg_size=0)
             await acp.hello()
             chat = await acp.call("agent.chat", content="flood me")
@@ -140,8 +142,9 @@ def test_a_slow_client_of_a_real_run_gets_backpressure_and_misses_nothing(make_s
                     elif message.get("method") == "session.event":
                         seen.append(message["params"]["id"])
             await acp.close()
-            return seen, notices, chat["session_key"]
+            return seen, notices, chat["session_key"], chat["task_id"]
 
-    seen, notices, session = asyncio.run(scenario())
+    seen, notices, session, task_id = asyncio.run(scenario())
     assert notices, "the slow client was told it fell behind"
     assert seen == session_event_ids(stack, session), "resumed with nothing lost or repeated"
+    assert stack.broker.get(task_id).state is TaskState.SUCCEEDED

@@ -25,7 +25,7 @@ from goclaw.config import load_config
 from goclaw.fake_llm import serve_in_thread
 from goclaw.gateway import jsonrpc
 from goclaw.gateway.server import create_app
-from tests.acp_client import AcpClient, AcpError
+from tests.acp_client import AcpClient, AcpError, small_window_connector
 from tests.integration.agent_harness import agent_harness
 
 TOKEN = "a" * 32
@@ -54,8 +54,9 @@ def run(coro):
 
 
 @contextlib.asynccontextmanager
-async def connect(url: str, **kw) -> AsyncIterator[AcpClient]:
-    async with aiohttp.ClientSession() as session:
+async def connect(url: str, *, slow: bool = False, **kw) -> AsyncIterator[AcpClient]:
+    connector = small_window_connector() if slow else None
+    async with aiohttp.ClientSession(connector=connector) as session:
         acp = await AcpClient.connect(session, url, TOKEN, **kw)
         try:
             yield acp
@@ -308,7 +309,7 @@ def test_a_slow_client_gets_backpressure_and_resumes_without_loss(broker, home):
         SessionStore(broker.db).ensure("busy", "default")
 
         async def scenario() -> None:
-            async with connect(url, max_msg_size=0) as acp:
+            async with connect(url, slow=True, max_msg_size=0) as acp:
                 sub = await acp.call("session.events.subscribe", session_key="busy")
                 # Stop reading while a burst is written: the socket and then the queue fill.
                 await off_loop(broker, write_events, broker, "busy", total, 2000)
@@ -359,3 +360,27 @@ def test_connections_over_the_limit_get_503_and_the_rest_keep_working(broker, ho
                 assert (await again.call("system.status"))["connections"] == 1
 
         run(scenario())
+
+
+def test_the_events_doorbell_wakes_the_gateway_without_waiting_for_a_poll(broker, home):
+    with gateway(broker, home, reply_script(), poll_seconds="30") as (url, _):
+        SessionStore(broker.db).ensure("rung", "default")
+        [submitted] = broker.submit("noop")
+        events = RunEvents(
+            broker.db,
+            SessionStore(broker.db),
+            task_id=submitted.task_id,
+            session_key="rung",
+            doorbell=broker.doorbell,
+        )
+
+        async def scenario() -> float:
+            async with connect(url) as acp:
+                await acp.call("session.events.subscribe", session_key="rung")
+                await asyncio.sleep(0.5)  # the pump is idle, its next poll 30 s away
+                started = time.monotonic()
+                events.emit("tool.result", ok=True)
+                await acp.events_until(lambda e: e["type"] == "tool.result", timeout=10)
+                return time.monotonic() - started
+
+        assert run(scenario()) < 1.0
