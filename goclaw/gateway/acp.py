@@ -24,7 +24,7 @@ import logging
 import socket
 from typing import Any
 
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 
 from goclaw.agent.definitions import UnknownAgent
 from goclaw.errors import GoclawError, IllegalTransition, TaskNotFound
@@ -40,8 +40,8 @@ from goclaw.gateway.state import STATE, GatewayState
 
 log = logging.getLogger(__name__)
 
-#: WebSocket frames above ``max_frame_bytes`` get a JSON-RPC error; frames above this many
-#: times it are refused by aiohttp itself (close code 1009), so no frame is unbounded.
+#: WebSocket frames above ``max_frame_bytes`` get a JSON-RPC error; frames of this many
+#: times it or more are refused by aiohttp itself (close code 1009), so none is unbounded.
 HARD_FRAME_FACTOR = 4
 #: Bytes aiohttp buffers for a socket before a send waits for the client to read.
 WRITER_LIMIT = 64 * 1024
@@ -49,6 +49,8 @@ WRITER_LIMIT = 64 * 1024
 #: Linux, so 2,000 slow clients could pin gigabytes, and a stalled client would be noticed
 #: (and told ``system.backpressure``) only megabytes late.
 SOCKET_SEND_BUFFER = 256 * 1024
+#: The WebSocket subprotocol name a client may ask for.
+ACP_PROTOCOL = "acp.v1"
 
 
 class Outbox:
@@ -168,6 +170,11 @@ class Connection:
                 await self.ws.send_str(text)
             except (ConnectionError, RuntimeError):
                 return  # the reader sees the close and cleans up
+            except Exception:
+                # Never a silent half-open connection: close it, and the reader cleans up.
+                log.exception("ACP connection %d: cannot send; closing it", self.number)
+                await self.ws.close(code=WSCloseCode.INTERNAL_ERROR, message=b"send failed")
+                return
 
     async def _handle(self, text: str) -> None:
         limit = self.state.settings.max_frame_bytes
@@ -314,7 +321,7 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
             headers={"Retry-After": "1"},
         )
     ws = web.WebSocketResponse(
-        protocols=("acp.v1",),
+        protocols=(ACP_PROTOCOL,),
         max_msg_size=settings.max_frame_bytes * HARD_FRAME_FACTOR,
         heartbeat=30.0,
         writer_limit=WRITER_LIMIT,

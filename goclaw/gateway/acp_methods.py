@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 PROTOCOL_VERSIONS = (1, 1)
 MAX_LIST = 500
 MAX_IDEMPOTENCY_KEY = 200
+MAX_ID = 2**63 - 1
 
 Method = Callable[["Connection", dict[str, Any]], Awaitable[Any]]
 
@@ -93,6 +94,13 @@ class Params:
         value = self.get(name, kind)
         if value is None:
             raise invalid_params(f"{name} is required")
+        return value
+
+    def id(self, name: str, *, required: bool = True) -> int | None:
+        """A row id: a positive 64-bit integer (anything else names no row)."""
+        value = self.required(name, int) if required else self.get(name, int)
+        if value is not None and not 1 <= value <= MAX_ID:
+            raise invalid_params(f"{name} must be between 1 and {MAX_ID}, got {value}")
         return value
 
     def count(self, name: str, default: int, *, low: int = 0, high: int = MAX_LIST) -> int:
@@ -237,7 +245,7 @@ async def agent_chat(conn: Connection, params: dict[str, Any]) -> dict[str, Any]
 @method("agent.abort", mutating=True)
 async def agent_abort(conn: Connection, params: dict[str, Any]) -> dict[str, Any]:
     p = Params(params)
-    task_id = p.required("task_id", int)
+    task_id = p.id("task_id")
     reason = p.get("reason", str, "aborted over ACP")
     p.done()
     task = await conn.state.db(conn.state.broker.cancel, task_id, reason=reason[:500])
@@ -250,7 +258,7 @@ async def agent_abort(conn: Connection, params: dict[str, Any]) -> dict[str, Any
 @method("task.get")
 async def task_get(conn: Connection, params: dict[str, Any]) -> dict[str, Any]:
     p = Params(params)
-    task_id = p.required("task_id", int)
+    task_id = p.id("task_id")
     p.done()
     task = await conn.state.db(conn.state.broker.get, task_id)
     return task.as_json()
@@ -285,7 +293,7 @@ async def session_list(conn: Connection, params: dict[str, Any]) -> dict[str, An
 async def session_history(conn: Connection, params: dict[str, Any]) -> dict[str, Any]:
     p = Params(params)
     key = p.required("session_key", str)
-    after = p.count("after", 0, high=2**62)
+    after = p.count("after", 0, high=MAX_ID)
     limit = p.count("limit", 100, low=1)
     p.done()
     store = SessionStore(conn.state.broker.db)
@@ -304,8 +312,8 @@ async def session_history(conn: Connection, params: dict[str, Any]) -> dict[str,
 async def events_subscribe(conn: Connection, params: dict[str, Any]) -> dict[str, Any]:
     p = Params(params)
     session_key = p.get("session_key", str)
-    task_id = p.get("task_id", int)
-    after = p.count("from_event_id", 0, high=2**62)
+    task_id = p.id("task_id", required=False)
+    after = p.count("from_event_id", 0, high=MAX_ID)
     p.done()
     if (session_key is None) == (task_id is None):
         raise invalid_params("give session_key or task_id (exactly one)")

@@ -10,6 +10,8 @@ was right.
 from __future__ import annotations
 
 import hmac
+import logging
+import re
 from collections.abc import Awaitable, Callable, Collection
 from pathlib import Path
 
@@ -49,6 +51,21 @@ def presented_token(request: web.Request) -> str | None:
             if name == "bearer" and value:
                 return value
     return None
+
+
+_SUBPROTOCOL_TOKEN = re.compile(r"bearer\.[^\s,'\"\]]+")
+
+
+class RedactSubprotocolTokens(logging.Filter):
+    """aiohttp logs a client's subprotocol list when none matches ours; a list holding
+    ``bearer.<token>`` must not put the token in a log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "bearer." in message:
+            record.msg = _SUBPROTOCOL_TOKEN.sub("bearer.[REDACTED]", message)
+            record.args = None
+        return True
 
 
 def bearer_auth(token: str, public: Collection[str] = PUBLIC_PATHS) -> Callable:

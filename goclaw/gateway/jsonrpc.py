@@ -3,7 +3,16 @@
 One message per frame. A batch (a JSON array) is refused with ``-32600``:
 ACP's ordering guarantees are per message, and a batch would let one frame
 hold an unbounded amount of work. Requests carry an ``id`` and get exactly
-one reply; notifications have none and never get a reply, not even an error.
+one reply. A well-formed notification (no ``id``) never gets a reply, not
+even an error for its params; a frame that is not a well-formed message at
+all gets ``-32600`` with ``id: null``, as the spec's examples do.
+
+Strings must be text a database can store: a lone UTF-16 surrogate
+(``"\ud800"``) or NUL (``"\u0000"``) anywhere in a message is refused
+(``-32600``), so no client can plant a value that later breaks another
+client's replies or a PostgreSQL query. ``NaN`` and ``Infinity`` are not
+JSON and are a parse error. Replies are ASCII-escaped JSON, valid whatever
+was stored.
 
 Error codes. The standard ones (-32700 … -32603) mean what the spec says.
 goclaw's own live in -32000 … -32099 and carry machine-readable ``data``:
@@ -111,7 +120,7 @@ class BadMessage(Exception):
 def parse(text: str) -> Message:
     """Parse one frame; raise ``BadMessage`` with the right code for anything else."""
     try:
-        data = json.loads(text)
+        data = json.loads(text, parse_constant=_no_constants)
     except (ValueError, RecursionError) as exc:
         raise BadMessage(RpcError(PARSE_ERROR, f"not valid JSON: {exc}"[:200])) from None
     if isinstance(data, list):
@@ -129,10 +138,18 @@ def parse(text: str) -> Message:
     if not id_ok:
         raise BadMessage(RpcError(INVALID_REQUEST, "id must be a string, an integer or null"))
     if data.get("jsonrpc") != "2.0":
-        raise BadMessage(RpcError(INVALID_REQUEST, 'jsonrpc must be "2.0"'), msg_id, has_id)
+        raise BadMessage(RpcError(INVALID_REQUEST, 'jsonrpc must be "2.0"'), msg_id)
     method = data.get("method")
     if not isinstance(method, str) or not method:
         raise BadMessage(RpcError(INVALID_REQUEST, "method must be a non-empty string"), msg_id)
+    extra = set(data) - {"jsonrpc", "method", "params", "id"}
+    if extra:
+        raise BadMessage(RpcError(INVALID_REQUEST, f"unknown member {sorted(extra)[0]!r}"), msg_id)
+    if "\\u" in text and not storable(data):
+        raise BadMessage(
+            RpcError(INVALID_REQUEST, "strings must not contain NUL or unpaired UTF-16 surrogates"),
+            msg_id,
+        )
     params = data.get("params", {})
     if params is None:
         params = {}
@@ -144,16 +161,40 @@ def parse(text: str) -> Message:
         )
     if not isinstance(params, dict):
         raise BadMessage(RpcError(INVALID_PARAMS, "params must be an object"), msg_id, has_id)
-    extra = set(data) - {"jsonrpc", "method", "params", "id"}
-    if extra:
-        raise BadMessage(
-            RpcError(INVALID_REQUEST, f"unknown member {sorted(extra)[0]!r}"), msg_id, has_id
-        )
     return Message(method, params, msg_id, not has_id)
 
 
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def storable(value: Any) -> bool:
+    """No NUL and no lone surrogate in any string (keys included) of a decoded JSON value.
+
+    Iterative: a message nested as deep as the JSON parser allows must not overflow the
+    stack here.
+    """
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return False
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return False
+        elif isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+    return True
+
+
 def dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
+    """ASCII-escaped: valid UTF-8 on the wire whatever a stored string holds."""
+    return json.dumps(value, separators=(",", ":"), default=str)
 
 
 def result(id: Id, value: Any) -> str:

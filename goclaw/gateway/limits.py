@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from goclaw.gateway.auth import PUBLIC_PATHS, Handler
+from goclaw.gateway.auth import PUBLIC_PATHS, Handler, presented_token
 from goclaw.gateway.responses import openai_error
 
 #: Buckets untouched this long are forgotten (a full bucket is the same as none).
@@ -63,7 +63,7 @@ class RateLimiter:
 
 def client_keys(request: web.Request) -> tuple[str, str]:
     """The two buckets a request spends from: its token's and its IP's."""
-    token = request.headers.get("Authorization", "")
+    token = presented_token(request) or ""
     digest = hashlib.sha256(token.encode()).hexdigest()[:16]
     return f"token:{digest}", f"ip:{request.remote or '?'}"
 

@@ -35,6 +35,7 @@ from goclaw.agent.turns import check_session_key
 from goclaw.config import DEFAULT_AGENT_ID
 from goclaw.errors import IllegalTransition
 from goclaw.gateway.chat import QueueSaturated, queue_turn
+from goclaw.gateway.jsonrpc import storable
 from goclaw.gateway.limits import retry_after_header
 from goclaw.gateway.pump import Encoded, Subscription
 from goclaw.gateway.responses import openai_error
@@ -116,12 +117,18 @@ async def _read_body(request: web.Request, state: GatewayState) -> dict[str, Any
     except web.HTTPRequestEntityTooLarge:
         raise BadRequest(f"request body is over gateway.max_body_bytes ({limit:,} bytes)") from None
     try:
-        body = json.loads(raw)
+        body = json.loads(raw, parse_constant=_no_constants)
     except (ValueError, RecursionError) as exc:
         raise BadRequest(f"the body is not valid JSON: {exc}"[:300]) from None
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object")
+    if not storable(body):
+        raise BadRequest("strings must not contain NUL or unpaired UTF-16 surrogates")
     return body
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 def _parse(body: dict[str, Any], request: web.Request) -> tuple[str, str, str | None, bool]:
@@ -379,5 +386,5 @@ class _Turn:
         await self._data(response, self._chunk([choice]))
 
     async def _data(self, response: web.StreamResponse, payload: dict[str, Any]) -> None:
-        text = json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+        text = json.dumps(payload, separators=(",", ":"))
         await response.write(f"data: {text}\n\n".encode())

@@ -78,7 +78,8 @@ def encode(event: TaskEvent, cursor: int) -> Encoded:
         "at": event.at,
         "data": json.loads(event.detail) if event.detail else None,
     }
-    text = json.dumps(body, separators=(",", ":"), ensure_ascii=False, default=str)
+    # ASCII-escaped: whatever a stored string holds, the frame is valid UTF-8.
+    text = json.dumps(body, separators=(",", ":"), default=str)
     return Encoded(event, cursor, text[1:-1])
 
 

@@ -20,7 +20,7 @@ from goclaw.agent.tools import BUILTIN_TOOLS
 from goclaw.broker import Broker
 from goclaw.config import Config
 from goclaw.gateway.acp import websocket_handler
-from goclaw.gateway.auth import bearer_auth, read_token
+from goclaw.gateway.auth import RedactSubprotocolTokens, bearer_auth, read_token
 from goclaw.gateway.health import healthz
 from goclaw.gateway.limits import rate_limit
 from goclaw.gateway.metrics import metrics_handler
@@ -28,6 +28,8 @@ from goclaw.gateway.openai_api import chat_completions, list_models
 from goclaw.gateway.state import STATE, GatewayState
 
 log = logging.getLogger(__name__)
+# Whoever starts the app, aiohttp's WebSocket warnings never carry a subprotocol token.
+logging.getLogger("aiohttp.websocket").addFilter(RedactSubprotocolTokens())
 
 
 def create_app(config: Config, broker: Broker) -> web.Application:

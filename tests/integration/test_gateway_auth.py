@@ -272,12 +272,6 @@ def test_a_websocket_upgrade_needs_the_token_in_a_header_or_the_subprotocol(brok
         asyncio.run(scenario())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="aiohttp logs a WARNING naming the client's subprotocols when none overlaps the "
-    "server's ('acp.v1'): a client offering only bearer.<token> writes the token to the log",
-)
 def test_the_token_never_reaches_the_log(broker, home, caplog):
     caplog.set_level(logging.DEBUG)
     with gateway(broker, home) as (url, _):

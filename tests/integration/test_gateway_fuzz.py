@@ -98,11 +98,10 @@ TEXT_CHARS = st.one_of(
     st.sampled_from(["\x00", "\ufeff", "\ufffe", "\uffff", "\u2028", "\u202e", "\U0010ffff"]),
     st.sampled_from(['"', "\\", "{", "}", "[", "]", ":", ",", "é", "😀", "\r", "\n", "\x7f"]),
 )
-#: Inside JSON strings lone surrogates are valid JSON: they travel as \\udXXX escapes. But
-#: a reply that carries one back (an echoed id; a prompt stored by agent.chat and returned by
-#: task.get/task.list) kills the connection's writer: see the xfail tests at the end. Turn
-#: this on once they pass.
-LONE_SURROGATES = False
+#: Inside JSON strings lone surrogates are valid JSON: they travel as \\udXXX escapes. The
+#: gateway refuses any message holding one (or a NUL), so none is stored to break a later
+#: reply: see the tests at the end.
+LONE_SURROGATES = True
 SURROGATES = st.integers(0xD800, 0xDFFF).map(chr)
 VALUE_CHARS = st.one_of(TEXT_CHARS, SURROGATES) if LONE_SURROGATES else TEXT_CHARS
 ID_CHARS = VALUE_CHARS
@@ -383,32 +382,29 @@ class Expect:
     codes: frozenset[int] | None = None
     id: Any = None
     why: str = ""
-    #: A known bug answers this request -32603 (see known_internal_error).
-    internal_ok: bool = False
 
 
 def error(why: str, *codes: int, id: Any = None) -> Expect:
     return Expect("yes", frozenset(codes), id, why)
 
 
-INT64 = range(-(2**63), 2**63)
+def text_ok(value: Any) -> bool:
+    """Documented: no NUL and no unpaired surrogate in any string of a message, keys too."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item or any(0xD800 <= ord(c) <= 0xDFFF for c in item):
+                return False
+        elif isinstance(item, dict):
+            stack.extend([*item.keys(), *item.values()])
+        elif isinstance(item, list):
+            stack.extend(item)
+    return True
 
 
-def known_internal_error(params: dict[str, Any]) -> bool:
-    """Client input that gets -32603, a server fault, today: a task id beyond 64 bits on
-    SQLite, a NUL character in a string that reaches a PostgreSQL query. Both are bugs
-    (xfail tests at the end); the fuzz only checks the connection survives them."""
-    for value in params.values():
-        if isinstance(value, int) and not isinstance(value, bool) and value not in INT64:
-            return True
-        if isinstance(value, str) and "\x00" in value:
-            return True
-    return False
-
-
-def known_internal_log(record: logging.LogRecord) -> bool:
-    exc = record.exc_info[1] if record.exc_info else None
-    return isinstance(exc, OverflowError) or "cannot contain NUL" in str(exc)
+def not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 def valid_id(value: Any) -> bool:
@@ -422,7 +418,7 @@ def oracle(frame: str | bytes) -> Expect:
     if len(frame.encode()) > LIMIT:
         return error("over max_frame_bytes", FRAME_TOO_LARGE)
     try:
-        data = json.loads(frame)
+        data = json.loads(frame, parse_constant=not_json)
     except (ValueError, RecursionError):
         return error("not JSON", PARSE_ERROR)
     if isinstance(data, list):
@@ -441,20 +437,24 @@ def oracle(frame: str | bytes) -> Expect:
     elif not method:
         # jsonrpc.py wants a non-empty name; to the spec "" is a name no method has.
         problems.update({INVALID_REQUEST, METHOD_NOT_FOUND})
-    params = data.get("params")
-    if params is not None and not isinstance(params, dict):
-        # Not a structured value: the spec would say invalid request, the server chose
-        # invalid params; both are right.
-        problems.update({INVALID_REQUEST, INVALID_PARAMS})
     if set(data) - set(MEMBERS):
         problems.add(INVALID_REQUEST)
-    if problems:
+    if not text_ok(data):
+        problems.add(INVALID_REQUEST)
+    params = data.get("params")
+    bad_params = params is not None and not isinstance(params, dict)
+    if problems or bad_params:
         if has_id:
-            return error("an invalid request", *problems, id=data["id"])
-        # No id. jsonrpc.py: a malformed notification gets no reply; the spec's own
-        # example (section 7, {"jsonrpc": "2.0", "method": 1, ...}) answers -32600 with a
-        # null id. The server does both, depending on which member is wrong; both pass.
-        return Expect("maybe", frozenset({INVALID_REQUEST}), None, "a malformed notification")
+            # Params that are not a structured value: the spec would say invalid request,
+            # the server chose invalid params; both are right.
+            codes = problems | ({INVALID_REQUEST, INVALID_PARAMS} if bad_params else set())
+            return error("an invalid request", *codes, id=data["id"])
+        if not problems:
+            # Well-formed but for its params: a notification, which never gets a reply.
+            return Expect("no", why="a notification with bad params gets no reply")
+        # No id and not a well-formed message: -32600 with a null id, as in the spec's own
+        # example (section 7, {"jsonrpc": "2.0", "method": 1, ...}).
+        return error("a malformed message without an id", INVALID_REQUEST)
     if not has_id:
         return Expect("no", why="a notification never gets a reply")
     if method not in METHODS:
@@ -462,8 +462,7 @@ def oracle(frame: str | bytes) -> Expect:
     unknown = set(params or {}) - set(PARAMS.get(method, set(params or {})))
     if unknown:
         return error(f"unknown params {sorted(unknown)}", INVALID_PARAMS, id=data["id"])
-    known = known_internal_error(params or {})
-    return Expect("yes", None, data["id"], f"a request for {method}", internal_ok=known)
+    return Expect("yes", None, data["id"], f"a request for {method}")
 
 
 def same_id(a: Any, b: Any) -> bool:
@@ -619,8 +618,7 @@ class FuzzClient:
         assert same_id(reply["id"], expect.id), f"{expect.why}: id {reply} for {shown}"
         if expect.codes is None:
             code = reply["error"]["code"] if "error" in reply else "result"
-            if code == INTERNAL_ERROR:
-                assert expect.internal_ok, f"an internal error for client input: {reply} {shown}"
+            assert code != INTERNAL_ERROR, f"an internal error for client input: {reply} {shown}"
             self.outcomes[f"method: {code}"] += 1
             return
         assert "error" in reply, f"{expect.why}: expected an error, got {reply} for {shown}"
@@ -699,7 +697,7 @@ def test_random_and_malformed_frames_each_get_the_right_answer(broker, home, cap
             f"\nfuzz: {client.examples} examples, {client.sent} frames sent "
             f"({client.replies} replies checked, {client.notifications} notifications); "
             f"outcomes {dict(sorted(client.outcomes.items()))}; "
-            f"{len(caplog.records)} error logs from the known bugs"
+            f"{len(caplog.records)} error logs"
         )
     assert client.examples >= EXAMPLES
     # The run reached every kind of answer, so a change to the strategies cannot make it vacuous.
@@ -708,7 +706,7 @@ def test_random_and_malformed_frames_each_get_the_right_answer(broker, home, cap
         assert outcome in seen, f"no frame was answered {outcome}: {client.outcomes}"
     assert sum(broker.counts().values()) > 0, "agent.chat never queued a task"
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
-    unexpected = [r for r in errors if not known_internal_log(r)]
+    unexpected = errors
     assert not unexpected, f"the gateway logged errors: {[r.getMessage() for r in unexpected]}"
 
 
@@ -768,13 +766,6 @@ def test_frames_that_end_the_connection_end_only_that_one(
 # -- known bugs ---------------------------------------------------------------------------
 
 
-LONE_SURROGATE_BUG = (
-    "a reply holding a lone surrogate (JSON escape \\udXXX) cannot be UTF-8 encoded: "
-    "jsonrpc.dumps uses ensure_ascii=False and Connection._write does not catch "
-    "UnicodeEncodeError, so the writer dies and the connection never answers again"
-)
-
-
 async def request(ws: aiohttp.ClientWebSocketResponse, frame: str) -> dict[str, Any]:
     await ws.send_str(frame)
     try:
@@ -783,7 +774,6 @@ async def request(ws: aiohttp.ClientWebSocketResponse, frame: str) -> dict[str, 
         raise AssertionError(f"no reply to {frame}") from None
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=LONE_SURROGATE_BUG)
 def test_a_string_id_with_a_lone_surrogate_gets_its_reply(broker, home):
     with gateway(broker, home) as url:
 
@@ -794,7 +784,8 @@ def test_a_string_id_with_a_lone_surrogate_gets_its_reply(broker, home):
                     reply = await request(
                         ws, r'{"jsonrpc":"2.0","id":"\ud800","method":"agent.list"}'
                     )
-                    assert reply["id"] == "\ud800" and "result" in reply
+                    assert reply["id"] == "\ud800"
+                    assert reply["error"]["code"] == INVALID_REQUEST
                     after = await request(ws, '{"jsonrpc":"2.0","id":2,"method":"agent.list"}')
                     assert after["id"] == 2
                 finally:
@@ -803,7 +794,6 @@ def test_a_string_id_with_a_lone_surrogate_gets_its_reply(broker, home):
         asyncio.run(scenario())
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=LONE_SURROGATE_BUG)
 def test_a_prompt_with_a_lone_surrogate_does_not_silence_other_clients(broker, home):
     with gateway(broker, home) as url:
 
@@ -817,7 +807,7 @@ def test_a_prompt_with_a_lone_surrogate_does_not_silence_other_clients(broker, h
                         r'{"jsonrpc":"2.0","id":2,"method":"agent.chat",'
                         r'"params":{"content":"hi \udcb5"}}',
                     )
-                    assert "result" in chat, chat  # accepted and stored
+                    assert chat["error"]["code"] == INVALID_REQUEST, chat  # never stored
                     # Another client lists the tasks: the stored prompt comes back in the reply.
                     listed = await request(reader, '{"jsonrpc":"2.0","id":3,"method":"task.list"}')
                     assert "result" in listed, listed
@@ -826,16 +816,6 @@ def test_a_prompt_with_a_lone_surrogate_does_not_silence_other_clients(broker, h
                     await reader.close()
 
         asyncio.run(scenario())
-
-
-INTERNAL_ERROR_BUG = (
-    "client input answered -32603 internal error (logged with a traceback) instead of "
-    "-32602/-32001: {}"
-)
-
-
-def database_is(broker, name: str) -> bool:
-    return broker.db.is_sqlite == (name == "sqlite")
 
 
 async def replies_to(url: str, frames: list[str]) -> list[dict[str, Any]]:
@@ -847,10 +827,7 @@ async def replies_to(url: str, frames: list[str]) -> list[dict[str, Any]]:
             await ws.close()
 
 
-def test_a_task_id_beyond_64_bits_is_not_an_internal_error(broker, home, request):
-    if database_is(broker, "sqlite"):
-        reason = INTERNAL_ERROR_BUG.format("OverflowError binding the id on SQLite")
-        request.applymarker(pytest.mark.xfail(strict=True, raises=AssertionError, reason=reason))
+def test_a_task_id_beyond_64_bits_is_not_an_internal_error(broker, home):
     frames = [
         '{"jsonrpc":"2.0","id":0,"method":"system.hello"}',
         '{"jsonrpc":"2.0","id":1,"method":"task.get","params":{"task_id":9223372036854775808}}',
@@ -864,10 +841,7 @@ def test_a_task_id_beyond_64_bits_is_not_an_internal_error(broker, home, request
         assert reply["error"]["code"] in (-32001, INVALID_PARAMS), reply
 
 
-def test_a_nul_character_in_a_string_param_is_not_an_internal_error(broker, home, request):
-    if database_is(broker, "postgresql"):
-        reason = INTERNAL_ERROR_BUG.format("PostgreSQL text cannot hold NUL (DataError)")
-        request.applymarker(pytest.mark.xfail(strict=True, raises=AssertionError, reason=reason))
+def test_a_nul_character_in_a_string_param_is_not_an_internal_error(broker, home):
     frames = [
         '{"jsonrpc":"2.0","id":0,"method":"system.hello"}',
         '{"jsonrpc":"2.0","id":1,"method":"task.list","params":{"kind":"a\\u0000"}}',
@@ -878,4 +852,4 @@ def test_a_nul_character_in_a_string_param_is_not_an_internal_error(broker, home
     with gateway(broker, home) as url:
         replies = asyncio.run(replies_to(url, frames))
     for reply in replies[1:]:
-        assert reply.get("error", {}).get("code") != INTERNAL_ERROR, reply
+        assert reply["error"]["code"] == INVALID_REQUEST, reply  # refused before any query
