@@ -41,8 +41,6 @@ from goclaw.errors import GoclawError
 
 log = logging.getLogger(__name__)
 
-os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # never fetch at import
-
 #: Longest a call waits inline for a Retry-After to end before handing back to the broker.
 MAX_INLINE_WAIT_SECONDS = 10.0
 #: Longest cooldown a Retry-After header can impose (a hostile or broken value is capped).
