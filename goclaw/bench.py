@@ -18,6 +18,7 @@ and an fsync probe at the start and the end so a reader can tell the regime.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import math
@@ -32,7 +33,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -116,13 +117,21 @@ def run_queue_bench(
     if n_tasks < 1 or workers < 1 or latency_samples < 1 or rounds < 1:
         raise ValueError("tasks, workers, latency samples and rounds must be at least 1")
     say = progress or (lambda _msg: None)
+    with bench_workdir(workdir, "goclaw-bench-", say) as base:
+        return _run(base, n_tasks, workers, latency_samples, rounds, phase_timeout, say)
+
+
+@contextlib.contextmanager
+def bench_workdir(workdir: str | None, prefix: str, say: Callable[[str], None]) -> Iterator[Path]:
+    """A fresh directory for one run: temporary and removed after, or a new one under
+    ``workdir`` that is kept (and said so), for looking at the logs and databases."""
     if workdir is None:
-        base = Path(tempfile.mkdtemp(prefix="goclaw-bench-"))
+        base = Path(tempfile.mkdtemp(prefix=prefix))
     else:
         Path(workdir).mkdir(parents=True, exist_ok=True)
         base = Path(tempfile.mkdtemp(prefix="run-", dir=workdir))
     try:
-        return _run(base, n_tasks, workers, latency_samples, rounds, phase_timeout, say)
+        yield base
     finally:
         if workdir is None:
             shutil.rmtree(base, ignore_errors=True)

@@ -30,10 +30,8 @@ import json
 import os
 import resource
 import secrets
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 import urllib.request
 from collections.abc import Callable
@@ -49,6 +47,7 @@ from goclaw.bench import (
     _goclaw_env,
     _nearest_rank,
     _open_bench_broker,
+    bench_workdir,
     probe_fsync,
     process_cpu_seconds,
     rss_kb,
@@ -98,18 +97,8 @@ def run_gateway_bench(
     if requests < 1 or warmup < 0 or clients < 1 or rate <= 0 or seconds <= 0:
         raise ValueError("requests, clients, rate and seconds must be positive")
     say = progress or (lambda _message: None)
-    if workdir is None:
-        base = Path(tempfile.mkdtemp(prefix="goclaw-bench-gateway-"))
-    else:
-        base = Path(workdir)
-        base.mkdir(parents=True, exist_ok=True)
-    try:
+    with bench_workdir(workdir, "goclaw-bench-gateway-", say) as base:
         return _run(base, requests, warmup, clients, rate, seconds, chunk_delay_ms / 1000, say)
-    finally:
-        if workdir is None:
-            shutil.rmtree(base, ignore_errors=True)
-        else:
-            say(f"bench files kept in {base}")
 
 
 def _run(
@@ -578,6 +567,7 @@ def write_events(
                 task_id=first_task + i,
                 session_key=f"{prefix}{i}",
                 worker="bench-writer",
+                doorbell=broker.doorbell,  # as a worker's turns ring it
             )
             for i in range(sessions)
         ]

@@ -21,11 +21,9 @@ from goclaw import event_log
 from goclaw.agent.events import RunEvents
 from goclaw.agent.sessions import SessionStore
 from goclaw.broker import Outcome
-from goclaw.config import load_config
-from goclaw.fake_llm import serve_in_thread
 from goclaw.gateway import jsonrpc
-from goclaw.gateway.server import create_app
 from tests.acp_client import AcpClient, AcpError, small_window_connector
+from tests.gateway_support import serve_gateway, write_home
 from tests.integration.agent_harness import agent_harness
 
 TOKEN = "a" * 32
@@ -34,19 +32,17 @@ REPLY = "Paris is the capital of France, and this reply streams in small pieces.
 
 @pytest.fixture
 def home(tmp_path):
-    path = tmp_path / "home"
-    path.mkdir()
-    (path / "auth.token").write_text(TOKEN)
-    return path
+    return write_home(tmp_path, TOKEN)
 
 
 @contextlib.contextmanager
 def gateway(broker, home, script, **gateway_env: str) -> Iterator[tuple[str, object]]:
-    with agent_harness(broker, home, script) as harness:
-        env = {f"GOCLAW_GATEWAY__{k.upper()}": v for k, v in gateway_env.items()}
-        config = load_config(home, env={"GOCLAW_GATEWAY__POLL_SECONDS": "0.01", **env})
-        with serve_in_thread(create_app(config, broker)) as url:
-            yield url, harness
+    settings = {"poll_seconds": "0.01", **gateway_env}
+    with (
+        agent_harness(broker, home, script) as harness,
+        serve_gateway(broker, home, **settings) as (url, _),
+    ):
+        yield url, harness
 
 
 def run(coro):

@@ -17,17 +17,14 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
 
-from goclaw.config import load_config
-from goclaw.fake_llm import serve_in_thread
 from goclaw.gateway.acp_methods import METHODS
-from goclaw.gateway.server import create_app
+from tests.gateway_support import serve_gateway, write_home
 
 TOKEN = "s3cr3t-T0ken-0123456789abcdefXYZ"
 PUBLIC = "/healthz"
@@ -37,18 +34,10 @@ UNAUTHORIZED = {"type": "unauthorized", "param": None, "code": "invalid_api_key"
 
 @pytest.fixture
 def home(tmp_path):
-    path = tmp_path / "home"
-    path.mkdir()
-    (path / "auth.token").write_text(TOKEN + "\n")
-    return path
+    return write_home(tmp_path, TOKEN)
 
 
-@contextlib.contextmanager
-def gateway(broker, home, **gateway_env: str) -> Iterator[tuple[str, web.Application]]:
-    env = {f"GOCLAW_GATEWAY__{k.upper()}": v for k, v in gateway_env.items()}
-    app = create_app(load_config(home, env=env), broker)
-    with serve_in_thread(app) as url:
-        yield url, app
+gateway = serve_gateway
 
 
 def routes(app: web.Application) -> list[tuple[str, str]]:

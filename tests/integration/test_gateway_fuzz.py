@@ -31,11 +31,9 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from goclaw.config import load_config
-from goclaw.fake_llm import serve_in_thread
 from goclaw.gateway.acp import HARD_FRAME_FACTOR
 from goclaw.gateway.acp_methods import METHODS
-from goclaw.gateway.server import create_app
+from tests.gateway_support import serve_gateway, write_home
 
 TOKEN = "f" * 32
 LIMIT = 4096
@@ -629,23 +627,20 @@ class FuzzClient:
 
 @contextlib.contextmanager
 def gateway(broker, home) -> Iterator[str]:
-    env = {
-        "GOCLAW_GATEWAY__MAX_FRAME_BYTES": str(LIMIT),
-        "GOCLAW_GATEWAY__RATE_LIMIT_PER_SECOND": "100000",
-        "GOCLAW_GATEWAY__RATE_LIMIT_BURST": "100000",
-        "GOCLAW_GATEWAY__POLL_SECONDS": "0.05",
-    }
-    config = load_config(home, env=env)
-    with serve_in_thread(create_app(config, broker)) as url:
+    with serve_gateway(
+        broker,
+        home,
+        max_frame_bytes=str(LIMIT),
+        rate_limit_per_second="100000",
+        rate_limit_burst="100000",
+        poll_seconds="0.05",
+    ) as (url, _):
         yield url
 
 
 @pytest.fixture
 def home(tmp_path):
-    path = tmp_path / "home"
-    path.mkdir()
-    (path / "auth.token").write_text(TOKEN)
-    return path
+    return write_home(tmp_path, TOKEN)
 
 
 def healthz(url: str) -> dict[str, Any]:

@@ -17,16 +17,14 @@ from goclaw.errors import ConfigError
 from goclaw.fake_llm import serve_in_thread
 from goclaw.gateway.server import create_app
 from goclaw.worker import open_broker
+from tests.gateway_support import write_home
 
 TOKEN = "t" * 32
 
 
 @pytest.fixture
 def home(tmp_path):
-    path = tmp_path / "home"
-    path.mkdir()
-    (path / "auth.token").write_text(TOKEN + "\n")
-    return path
+    return write_home(tmp_path, TOKEN)
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ from goclaw.gateway.metrics import GatewayMetrics
 from goclaw.gateway.server import create_app
 from goclaw.gateway.state import STATE
 from goclaw.worker import open_broker
+from tests.gateway_support import write_home
 
 TOKEN = "t" * 32
 T0 = 1_000_000.0
@@ -28,10 +29,7 @@ Samples = dict[str, dict[frozenset, float]]
 
 @pytest.fixture
 def home(tmp_path):
-    path = tmp_path / "home"
-    path.mkdir()
-    (path / "auth.token").write_text(TOKEN + "\n")
-    return path
+    return write_home(tmp_path, TOKEN)
 
 
 @pytest.fixture

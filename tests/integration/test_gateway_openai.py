@@ -16,10 +16,8 @@ import openai
 import pytest
 
 from goclaw.agent.sessions import SessionStore
-from goclaw.config import load_config
-from goclaw.fake_llm import serve_in_thread
-from goclaw.gateway.server import create_app
 from goclaw.states import TaskState
+from tests.gateway_support import serve_gateway, write_home
 from tests.integration.agent_harness import agent_harness
 
 TOKEN = "o" * 32
@@ -28,20 +26,17 @@ REPLY = "Streaming through the gateway works, one small piece at a time."
 
 @pytest.fixture
 def home(tmp_path):
-    path = tmp_path / "home"
-    path.mkdir()
-    (path / "auth.token").write_text(TOKEN)
-    return path
+    return write_home(tmp_path, TOKEN)
 
 
 @contextlib.contextmanager
 def gateway(broker, home, script) -> Iterator[tuple[openai.OpenAI, object]]:
-    with agent_harness(broker, home, script) as harness:
-        config = load_config(home, env={"GOCLAW_GATEWAY__POLL_SECONDS": "0.01"})
-        with serve_in_thread(create_app(config, broker)) as url:
-            client = openai.OpenAI(base_url=f"{url}/v1", api_key=TOKEN, max_retries=0)
-            with client:
-                yield client, harness
+    with (
+        agent_harness(broker, home, script) as harness,
+        serve_gateway(broker, home, poll_seconds="0.01") as (url, _),
+        openai.OpenAI(base_url=f"{url}/v1", api_key=TOKEN, max_retries=0) as client,
+    ):
+        yield client, harness
 
 
 @contextlib.contextmanager
