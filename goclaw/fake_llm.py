@@ -276,10 +276,20 @@ def serve_in_thread(app: web.Application, host: str = "127.0.0.1", port: int = 0
     thread = threading.Thread(target=loop.run_forever, name="serve-in-thread", daemon=True)
     thread.start()
     asyncio.run_coroutine_threadsafe(start(), loop).result(10)
+
+    async def stop() -> None:
+        await runner.cleanup()
+        # Handlers still running (a WebSocket whose client never closed it) end here, not
+        # as "Task was destroyed but it is pending" when the closed loop is collected.
+        rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in rest:
+            task.cancel()
+        await asyncio.gather(*rest, return_exceptions=True)
+
     try:
         yield address[0]
     finally:
-        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
+        asyncio.run_coroutine_threadsafe(stop(), loop).result(10)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(5)
         loop.close()

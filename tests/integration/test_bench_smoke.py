@@ -87,4 +87,5 @@ def test_gateway_bench_streams_and_fans_out(tmp_path: Path) -> None:
     assert result["fanout_latency_p99_ms"] is not None
     for key in ("idle", "subscribed", "after_close"):
         assert result[f"gateway_rss_{key}_mb"] > 20, key
-    assert (tmp_path / "gateway.log").exists() and (tmp_path / "writer.json").exists()
+    [run] = tmp_path.glob("run-*")  # kept, in a fresh directory of its own
+    assert (run / "gateway.log").exists() and (run / "writer.json").exists()
