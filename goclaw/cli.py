@@ -814,6 +814,159 @@ def events_purge(obj: Context, older_than: str, as_json: bool) -> None:
         )
 
 
+@main.group("secrets")
+def secrets_group() -> None:
+    """Provider keys encrypted in the database (AES-256-GCM, key from GOCLAW_ENCRYPTION_KEY)."""
+
+
+def _secret_store(obj: Context) -> Any:
+    from goclaw.secrets import SecretStore, load_key
+
+    key = load_key()  # before opening the database: fail closed, and fast
+    return SecretStore(obj.broker.db, key)
+
+
+@secrets_group.command("set")
+@click.argument("name")
+@json_option
+@click.pass_obj
+@command
+def secrets_set(obj: Context, name: str, as_json: bool) -> None:
+    """Store NAME's value, read from stdin when piped, else prompted for (hidden).
+    Never pass the value as an argument: it would land in the shell history."""
+    from goclaw.secrets import validate_name
+
+    validate_name(name)
+    store = _secret_store(obj)
+    if sys.stdin.isatty():
+        value = click.prompt(f"{name}", hide_input=True, confirmation_prompt=True)
+    else:
+        value = sys.stdin.read().rstrip("\r\n")
+    store.set(name, value)
+    if as_json:
+        emit_json({"name": name, "stored": True, "shadowed_by_env": bool(os.environ.get(name))})
+        return
+    click.echo(f"stored secret {name}")
+    if os.environ.get(name):
+        err_console.print(
+            f"[yellow]note:[/] {name} is also set in the environment, which takes precedence",
+            highlight=False,
+        )
+
+
+@secrets_group.command("list")
+@json_option
+@click.pass_obj
+@command
+def secrets_list(obj: Context, as_json: bool) -> None:
+    """The stored secrets' names (never their values)."""
+    names = _secret_store(obj).names()
+    if as_json:
+        emit_json(names)
+        return
+    for name in names:
+        click.echo(name)
+
+
+@secrets_group.command("remove")
+@click.argument("name")
+@json_option
+@click.pass_obj
+@command
+def secrets_remove(obj: Context, name: str, as_json: bool) -> None:
+    """Delete a stored secret."""
+    from goclaw.secrets import validate_name
+
+    validate_name(name)
+    if not _secret_store(obj).remove(name):
+        raise GoclawError(f"secret {name} does not exist")
+    if as_json:
+        emit_json({"name": name, "removed": True})
+    else:
+        click.echo(f"removed secret {name}")
+
+
+@secrets_group.command("keygen")
+def secrets_keygen() -> None:
+    """Print a new GOCLAW_ENCRYPTION_KEY (32 random bytes, base64url)."""
+    from goclaw.secrets import generate_key
+
+    click.echo(generate_key())
+
+
+@main.group(invoke_without_command=True)
+@click.option("--task", "task_id", type=int, help="Only records of this task.")
+@click.option("--since", help="Only records at or after this: an ISO timestamp or 15m, 2h, 7d.")
+@click.option("--limit", "-n", type=click.IntRange(min=1), default=100, show_default=True)
+@json_option
+@click.pass_context
+@command
+def audit(
+    ctx: click.Context, task_id: int | None, since: str | None, limit: int, as_json: bool
+) -> None:
+    """The tamper-evident audit log of policy decisions and approvals (newest last)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    log = _audit_log(ctx.obj)
+    records = log.query(task_id=task_id, since=_audit_since(since), limit=limit)
+    if as_json:
+        emit_json([r.as_json() for r in records])
+        return
+    for r in records:
+        task_text = f"task {r.task_id}" if r.task_id is not None else "-"
+        click.echo(
+            f"{r.seq:>6}  {iso(r.at)}  {r.agent}  {task_text}  {r.capability}  "
+            f"{r.subject!r}  {r.decision}  {r.reason}  (policy {r.policy_version})"
+        )
+
+
+@audit.command("verify")
+@json_option
+@click.pass_obj
+@command
+def audit_verify(obj: Context, as_json: bool) -> None:
+    """Check the hash chain of the database and of HOME/logs/audit.jsonl; exit 1 if broken."""
+    report = _audit_log(obj).verify()
+    if as_json:
+        emit_json(report.as_json())
+        if not report.ok:
+            sys.exit(1)
+        return
+    if not report.ok:
+        raise GoclawError(f"audit log broken: {report.summary()}")
+    click.echo(report.summary())
+
+
+@audit.command("resync")
+@json_option
+@click.pass_obj
+@command
+def audit_resync(obj: Context, as_json: bool) -> None:
+    """Append to the file the records it lacks (after a crash between commit and write)."""
+    written = _audit_log(obj).resync_file()
+    if as_json:
+        emit_json({"written": written})
+    else:
+        click.echo(f"appended {written} records to the audit file")
+
+
+def _audit_log(obj: Context) -> Any:
+    from goclaw.audit import AuditLog
+
+    return AuditLog(obj.broker.db, Path(obj.config.home) / "logs" / "audit.jsonl")
+
+
+def _audit_since(text: str | None) -> float | None:
+    if text is None:
+        return None
+    from goclaw.audit import parse_since
+
+    try:
+        return parse_since(text)
+    except ValueError:
+        return time.time() - parse_duration(text)
+
+
 @main.group()
 def session() -> None:
     """Conversations: their history and what they cost."""

@@ -187,6 +187,40 @@ MIGRATIONS: tuple[Migration, ...] = (
             "ALTER TABLE tasks ADD COLUMN events_purged_upto BIGINT NOT NULL DEFAULT 0",
         ),
     ),
+    Migration(
+        4,
+        "tamper-evident audit log",
+        (
+            # Append-only, hash-chained (goclaw/audit.py). ``seq`` is handed out
+            # by the writer under the head row's lock, so it has no gaps: a gap
+            # is a deleted record. ``at`` is epoch seconds to the microsecond.
+            """CREATE TABLE audit_log (
+                seq BIGINT PRIMARY KEY,
+                at {double} NOT NULL,
+                agent TEXT NOT NULL,
+                task_id BIGINT,
+                session TEXT,
+                capability TEXT NOT NULL,
+                subject TEXT NOT NULL,
+                decision TEXT NOT NULL,
+                reason TEXT NOT NULL,
+                policy_version TEXT NOT NULL,
+                prev_hash TEXT NOT NULL,
+                hash TEXT NOT NULL
+            )""",
+            "CREATE INDEX audit_log_task ON audit_log (task_id, seq)",
+            "CREATE INDEX audit_log_at ON audit_log (at)",
+            # One row: the chain's last seq and hash. Appenders lock it (FOR
+            # UPDATE on PostgreSQL; SQLite's write lock), which serialises them
+            # into one chain; it also exposes a deleted tail of the log.
+            """CREATE TABLE audit_head (
+                id INTEGER PRIMARY KEY CHECK (id = 1),
+                seq BIGINT NOT NULL,
+                hash TEXT NOT NULL
+            )""",
+            "INSERT INTO audit_head (id, seq, hash) VALUES (1, 0, '" + "0" * 64 + "')",
+        ),
+    ),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version
