@@ -52,6 +52,7 @@ from goclaw.agent.tools import (
 from goclaw.context import TaskContext
 from goclaw.doorbell import Doorbell
 from goclaw.errors import PermanentTaskError, TaskCanceled
+from goclaw.redact import Scrubber
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,8 @@ class AgentServices:
     coalesce_seconds: float = 0.05
     #: Rung after each event write, so followers (the gateway) need not poll.
     doorbell: Doorbell | None = None
+    #: Applied to every tool result before the model, the session or an event sees it.
+    scrubber: Scrubber = dataclasses.field(default_factory=Scrubber)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -333,7 +336,9 @@ class AgentTurn:
             ]
             outputs = [f.result() for f in futures]
         results = []
-        for call, (content, error) in zip(calls, outputs, strict=True):
+        for call, (raw, error) in zip(calls, outputs, strict=True):
+            # Secrets and credential-shaped strings never reach the model, history or events.
+            content = self.services.scrubber.scrub(raw)
             name = call["function"]["name"]
             key = (name, _canonical(call["function"]["arguments"]), _digest(content))
             if error is None:
@@ -380,12 +385,12 @@ class AgentTurn:
             tool = get_tool(name, self.agent.settings.tools)
             arguments = parse_arguments(tool, call["function"]["arguments"])
             if not tool.side_effect:
-                return _tool_output(invoke(tool, self.tool_context, arguments)), None
+                return self._output(invoke(tool, self.tool_context, arguments)), None
             ledger = self.services.effects
             recorded = ledger.begin(self.task_id, call["id"], name, arguments)
             if recorded is not None:
                 if recorded.state == "done":
-                    return _tool_output(recorded.result), None
+                    return self._output(recorded.result), None
                 raise ToolError(
                     INTERRUPTED,
                     "an earlier attempt of this turn crashed while this call was running, so "
@@ -398,9 +403,13 @@ class AgentTurn:
                 ledger.finish(self.task_id, call["id"], {"error": exc.code, "message": exc.message})
                 raise
             ledger.finish(self.task_id, call["id"], result)
-            return _tool_output(result), None
+            return self._output(result), None
         except ToolError as exc:
             return _tool_error(exc.code, exc.message), exc.code
+
+    def _output(self, result: Any) -> str:
+        """A tool's result as the model will read it, secrets redacted inside it first."""
+        return _tool_output(self.services.scrubber.scrub_value(result))
 
     # -- bookkeeping ---------------------------------------------------------
 

@@ -23,9 +23,12 @@ from goclaw.agent.sessions import SessionStore
 from goclaw.agent.tools import BUILTIN_TOOLS
 from goclaw.agent.turns import AGENT_KIND, check_session_key
 from goclaw.app import App
-from goclaw.config import Config
+from goclaw.config import HOSTED_MODEL_KEY_ENV, Config
 from goclaw.context import TaskContext
 from goclaw.errors import PermanentTaskError
+from goclaw.redact import Scrubber
+from goclaw.secrets import KEY_ENV, SecretStore
+from goclaw.store.database import Database
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +51,7 @@ class AgentRuntime:
             effects=EffectLedger(db),
             router=ModelRouter(env=env),
             doorbell=app.broker.doorbell,
+            scrubber=build_scrubber(config, db, env),
         )
         self._slots: dict[tuple[str, int], threading.BoundedSemaphore] = {}
         self._slots_lock = threading.Lock()
@@ -116,3 +120,16 @@ def register_agent_kind(
         return runtime.run_turn(ctx, prompt=prompt, agent=agent, session=session)
 
     return runtime
+
+
+def build_scrubber(config: Config, db: Database, env: Mapping[str, str]) -> Scrubber:
+    """Every secret a worker could leak through a tool: the provider keys its models read
+    from the environment, and, when ``GOCLAW_ENCRYPTION_KEY`` is set, the secret store (an
+    invalid key stops the worker: fail closed). Built at start; a secret added later is
+    still caught by the credential patterns, and by value after a restart."""
+    names = {m.api_key_env for m in config.models.values() if m.api_key_env}
+    names.add(HOSTED_MODEL_KEY_ENV)
+    values = [env[name] for name in sorted(names) if env.get(name)]
+    if env.get(KEY_ENV):
+        values += SecretStore.from_env(db, env).items().values()
+    return Scrubber(values)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 
+from goclaw.agent.runtime import build_scrubber
+from goclaw.secrets import KEY_ENV, SecretStore, generate_key
 from goclaw.states import TaskState
 from tests.integration.agent_harness import agent_harness, tool_error, tool_messages
 
@@ -340,3 +343,28 @@ def test_bad_session_keys_are_refused_at_submit(broker, key):
     with pytest.raises(ValueError, match="session key"):
         submit_turn(broker, agent="default", prompt="hi", session=key)
     assert broker.tasks() == []
+
+
+def test_a_stored_secret_echoed_by_a_tool_reaches_neither_the_model_nor_the_events(broker, home):
+    secret = "hunter2-correct-horse-battery-staple"
+    env = {KEY_ENV: generate_key()}
+    SecretStore.from_env(broker.db, env).set("BILLING_API_TOKEN", secret)
+    script = {
+        "replies": [
+            {"tool_calls": [{"id": "c1", "name": "read_file", "arguments": {"path": "k.txt"}}]},
+            {"content": "The file holds a token, which I cannot see."},
+        ]
+    }
+    with agent_harness(broker, home, script) as h:
+        (h.workspace / "k.txt").write_text(f"token: {secret}\nsk-{'a' * 40}\n")
+        scrubber = build_scrubber(h.config, broker.db, env)  # as a worker builds it
+        h.services = dataclasses.replace(h.services, scrubber=scrubber)
+        turn = h.turn("What is in k.txt?")
+    assert turn.result["reply"] == "The file holds a token, which I cannot see."
+    model_input = json.dumps(h.requests()[-1]["messages"])
+    assert "[REDACTED]" in model_input and secret not in model_input
+    assert "sk-aaaa" not in model_input, "credential-shaped text is redacted too"
+    rows = broker.db.fetchall("SELECT detail FROM task_events WHERE detail IS NOT NULL")
+    stored = broker.db.fetchall("SELECT message FROM session_messages")
+    assert not [r for r in rows + stored if secret in r[0]]
+    assert any("[REDACTED]" in r[0] for r in rows)
