@@ -43,15 +43,16 @@ class AgentRuntime:
         services: AgentServices | None = None,
     ) -> None:
         env = os.environ if env is None else env
+        db = app.broker.db
+        stored = stored_secrets(db, env)
         # Fails closed: a worker with an invalid agent config does not start.
         self.catalog = AgentCatalog.from_config(config, env, BUILTIN_TOOLS)
-        db = app.broker.db
         self.services = services or AgentServices(
             sessions=SessionStore(db),
             effects=EffectLedger(db),
-            router=ModelRouter(env=env),
+            router=ModelRouter(env=provider_env(env, stored)),
             doorbell=app.broker.doorbell,
-            scrubber=build_scrubber(config, db, env),
+            scrubber=build_scrubber(config, env, stored),
         )
         self._slots: dict[tuple[str, int], threading.BoundedSemaphore] = {}
         self._slots_lock = threading.Lock()
@@ -122,14 +123,23 @@ def register_agent_kind(
     return runtime
 
 
-def build_scrubber(config: Config, db: Database, env: Mapping[str, str]) -> Scrubber:
+def stored_secrets(db: Database, env: Mapping[str, str]) -> dict[str, str]:
+    """The secret store's contents when ``GOCLAW_ENCRYPTION_KEY`` is set (an invalid key
+    stops the worker: fail closed); nothing when it is not."""
+    return SecretStore.from_env(db, env).items() if env.get(KEY_ENV) else {}
+
+
+def provider_env(env: Mapping[str, str], stored: Mapping[str, str]) -> dict[str, str]:
+    """What ``api_key_env`` names are looked up in: a non-empty environment variable
+    first, then the encrypted store."""
+    return {**env, **{name: value for name, value in stored.items() if not env.get(name)}}
+
+
+def build_scrubber(config: Config, env: Mapping[str, str], stored: Mapping[str, str]) -> Scrubber:
     """Every secret a worker could leak through a tool: the provider keys its models read
-    from the environment, and, when ``GOCLAW_ENCRYPTION_KEY`` is set, the secret store (an
-    invalid key stops the worker: fail closed). Built at start; a secret added later is
+    from the environment, and every stored secret. Built at start; a secret added later is
     still caught by the credential patterns, and by value after a restart."""
     names = {m.api_key_env for m in config.models.values() if m.api_key_env}
     names.add(HOSTED_MODEL_KEY_ENV)
     values = [env[name] for name in sorted(names) if env.get(name)]
-    if env.get(KEY_ENV):
-        values += SecretStore.from_env(db, env).items().values()
-    return Scrubber(values)
+    return Scrubber([*values, *stored.values()])

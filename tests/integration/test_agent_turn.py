@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from goclaw.agent.runtime import build_scrubber
+from goclaw.agent.runtime import build_scrubber, stored_secrets
 from goclaw.secrets import KEY_ENV, SecretStore, generate_key
 from goclaw.states import TaskState
 from tests.integration.agent_harness import agent_harness, tool_error, tool_messages
@@ -357,7 +357,7 @@ def test_a_stored_secret_echoed_by_a_tool_reaches_neither_the_model_nor_the_even
     }
     with agent_harness(broker, home, script) as h:
         (h.workspace / "k.txt").write_text(f"token: {secret}\nsk-{'a' * 40}\n")
-        scrubber = build_scrubber(h.config, broker.db, env)  # as a worker builds it
+        scrubber = build_scrubber(h.config, env, stored_secrets(broker.db, env))  # as a worker
         h.services = dataclasses.replace(h.services, scrubber=scrubber)
         turn = h.turn("What is in k.txt?")
     assert turn.result["reply"] == "The file holds a token, which I cannot see."

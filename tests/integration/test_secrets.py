@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from goclaw.agent.runtime import provider_env, stored_secrets
 from goclaw.secrets import (
     KEY_ENV,
     EncryptionKeyError,
@@ -211,3 +212,15 @@ def test_cli_keygen(cli):
     second = cli("keygen").stdout.strip()
     assert first != second
     assert len(parse_key(first)) == 32 and len(parse_key(second)) == 32
+
+
+def test_provider_keys_come_from_the_environment_first_then_the_store(db):
+    env = {KEY_ENV: generate_key(), "SET_IN_ENV": "from-the-environment", "EMPTY_IN_ENV": ""}
+    store = SecretStore.from_env(db, env)
+    for name in ("SET_IN_ENV", "EMPTY_IN_ENV", "ONLY_STORED"):
+        store.set(name, f"stored-{name.lower()}")
+    merged = provider_env(env, stored_secrets(db, env))
+    assert merged["SET_IN_ENV"] == "from-the-environment"
+    assert merged["EMPTY_IN_ENV"] == "stored-empty_in_env"
+    assert merged["ONLY_STORED"] == "stored-only_stored"
+    assert stored_secrets(db, {}) == {}, "no key, no store: nothing read, nothing fails"
