@@ -121,11 +121,27 @@ def main(ctx: click.Context, home: str | None, config_path: str | None) -> None:
 # -- init ----------------------------------------------------------------------
 
 DEFAULT_POLICY = """\
-# goclaw policy: default deny. Nothing is allowed unless listed here.
-# The policy engine reads this file; until a capability is granted, it is refused.
+# goclaw policy: default deny. Nothing is allowed unless listed here; an empty
+# list allows nothing. Edits take effect within a second; an edit that does not
+# load keeps the previous policy (see docs/ARCHITECTURE.md, "Policy").
 version: 1
-default: deny
-capabilities: []
+# Capabilities for every agent: tools.<tool> (read_file, write_file, list_dir,
+# exec, web_fetch), net.http, acp.read, acp.mutate, skills.<name>, mcp.<server>.<tool>.
+allow:
+  - tools.read_file
+  - tools.write_file
+  - tools.list_dir
+# Hosts net.http may reach: exact.host, or .suffix.host for its subdomains.
+domains: []
+# Where the file tools may go: relative entries are under the agent's workspace.
+paths:
+  - .
+# Non-public networks (CIDR) outbound requests may reach; none by default.
+networks: []
+# Per-agent sections narrow the lists above for one agent, e.g.
+# agents:
+#   reader:
+#     allow: [tools.read_file, tools.list_dir]
 """
 
 
