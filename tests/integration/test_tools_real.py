@@ -19,7 +19,7 @@ from goclaw.agent.tools import (
     parse_arguments,
 )
 from goclaw.fake_llm import serve_in_thread
-from tests.tool_context import make_ctx
+from tests.tool_context import LOOPBACK, make_ctx
 
 EXEC = BUILTIN_TOOLS["exec"]
 WEB_FETCH = BUILTIN_TOOLS["web_fetch"]
@@ -27,7 +27,8 @@ WEB_FETCH = BUILTIN_TOOLS["web_fetch"]
 
 @pytest.fixture
 def ctx(tmp_path):
-    return make_ctx(tmp_path)
+    # The test server listens on 127.0.0.1, which the SSRF guard refuses unless allowed.
+    return make_ctx(tmp_path, allowed_networks=LOOPBACK)
 
 
 def run(ctx, command):
@@ -241,9 +242,13 @@ def test_an_error_status_is_a_result(ctx, server):
 
 
 def test_the_body_is_cut_at_the_size_cap(tmp_path, server):
-    result = fetch(make_ctx(tmp_path, fetch_max_bytes=1000), f"{server}/big")
+    result = fetch(
+        make_ctx(tmp_path, fetch_max_bytes=1000, allowed_networks=LOOPBACK), f"{server}/big"
+    )
     assert result["content"] == "a" * 1000 and result["truncated"] is True
-    assert fetch(make_ctx(tmp_path), f"{server}/big")["truncated"] is False
+    assert (
+        fetch(make_ctx(tmp_path, allowed_networks=LOOPBACK), f"{server}/big")["truncated"] is False
+    )
 
 
 def test_binary_content_is_noted_not_returned(ctx, server):
@@ -256,14 +261,22 @@ def test_binary_content_is_noted_not_returned(ctx, server):
 
 def test_a_slow_server_times_out(tmp_path, server):
     started = time.monotonic()
-    error = failure(fetch, make_ctx(tmp_path, fetch_timeout_seconds=0.3), f"{server}/slow")
+    error = failure(
+        fetch,
+        make_ctx(tmp_path, fetch_timeout_seconds=0.3, allowed_networks=LOOPBACK),
+        f"{server}/slow",
+    )
     assert error.code == "timeout" and "/slow" in error.message
     assert time.monotonic() - started < 1
 
 
 def test_the_time_cap_is_for_the_whole_fetch_not_each_read(tmp_path, server):
     started = time.monotonic()
-    error = failure(fetch, make_ctx(tmp_path, fetch_timeout_seconds=0.4), f"{server}/drip")
+    error = failure(
+        fetch,
+        make_ctx(tmp_path, fetch_timeout_seconds=0.4, allowed_networks=LOOPBACK),
+        f"{server}/drip",
+    )
     assert error.code == "timeout"
     assert time.monotonic() - started < 1
 
@@ -278,7 +291,9 @@ def test_redirects_are_followed_and_each_hop_is_checked(tmp_path, server):
                 self.seen.append(subject)
 
     recorder = Recorder()
-    result = fetch(make_ctx(tmp_path, policy=recorder), f"{server}/redirect/5")
+    result = fetch(
+        make_ctx(tmp_path, policy=recorder, allowed_networks=LOOPBACK), f"{server}/redirect/5"
+    )
     assert (result["url"], result["content"]) == (f"{server}/redirect/0", "landed")
     assert recorder.seen == [f"{server}/redirect/{n}" for n in range(5, -1, -1)]
 
@@ -289,7 +304,11 @@ def test_a_refused_hop_stops_the_fetch(tmp_path, server):
             if subject.endswith("/redirect/0"):
                 raise ToolError("policy_denied", f"{subject}: not allowed")
 
-    error = failure(fetch, make_ctx(tmp_path, policy=DenyLanding()), f"{server}/redirect/2")
+    error = failure(
+        fetch,
+        make_ctx(tmp_path, policy=DenyLanding(), allowed_networks=LOOPBACK),
+        f"{server}/redirect/2",
+    )
     assert error.code == "policy_denied"
 
 

@@ -98,6 +98,12 @@ class ToolContext:
     limits: ToolLimits = ToolLimits()
     #: Deny everything unless told otherwise: a forgotten policy fails closed.
     policy: PolicyHook = dataclasses.field(default_factory=lambda: AllowListedTools(()))
+    #: How outbound tools resolve host names (``socket.getaddrinfo``'s signature); None for
+    #: the real one. Tests inject one to play DNS, rebinding included.
+    resolver: Callable[..., Any] | None = None
+    #: ``ipaddress`` networks the SSRF guard lets outbound requests reach although they are
+    #: not public (loopback, private, link-local...); empty: only public addresses.
+    allowed_networks: tuple[Any, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -4,6 +4,10 @@ Built on ``http.client`` rather than ``urllib.request`` so that each redirect is
 followed here, where every hop passes the outbound check, and so that the
 connection's socket is at hand for the total deadline. Proxies from the
 worker's environment are not used: the check must judge the real destination.
+
+Each hop's host is resolved once, by the SSRF guard (``netguard``), and the
+connection goes to an address the guard passed (DNS pinning), while the Host
+header, TLS SNI and certificate check keep the name from the URL.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import urllib.parse
 from typing import Any
 
 from goclaw.agent.tools.base import Tool, ToolContext, ToolError
+from goclaw.agent.tools.netguard import IP, resolve_and_check
 
 MAX_REDIRECTS = 5
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
@@ -55,8 +60,8 @@ def web_fetch(ctx: ToolContext, url: str) -> dict[str, Any]:
     current = url
     for _ in range(MAX_REDIRECTS + 1):
         parts = _parse(current)
-        _check_outbound(ctx, current)
-        with _Exchange(parts, deadline) as exchange:
+        addresses = _check_outbound(ctx, current, parts)
+        with _Exchange(parts, deadline, addresses) as exchange:
             response = exchange.response
             location = response.getheader("Location")
             if response.status in _REDIRECTS and location:
@@ -66,11 +71,24 @@ def web_fetch(ctx: ToolContext, url: str) -> dict[str, Any]:
     raise ToolError("fetch_failed", f"{url}: more than {MAX_REDIRECTS} redirects")
 
 
-def _check_outbound(ctx: ToolContext, url: str) -> None:
-    # ---- OUTBOUND CHECK: the one place every request (each redirect hop too) is judged
-    # before it is sent. The SSRF guard (private, loopback and link-local addresses of the
-    # resolved host) goes here, next to the policy's verdict on the URL.
+def _check_outbound(ctx: ToolContext, url: str, parts: urllib.parse.SplitResult) -> list[IP]:
+    """The one place every request (each redirect hop too) is judged before it is sent.
+
+    First the policy's verdict on the URL, then the SSRF guard on every address the
+    host resolves to. Answers those addresses: the only ones the request may use.
+    """
     ctx.policy.check(ctx, "net.http", url)
+    assert parts.hostname is not None  # _parse saw to it
+    return resolve_and_check(
+        parts.hostname,
+        _port(parts),
+        resolver=ctx.resolver,
+        allowed_networks=ctx.allowed_networks,
+    )
+
+
+def _port(parts: urllib.parse.SplitResult) -> int:
+    return parts.port or (443 if parts.scheme == "https" else 80)
 
 
 def _parse(url: str) -> urllib.parse.SplitResult:
@@ -94,9 +112,12 @@ class _Exchange:
     the watchdog shuts the socket down, which wakes any blocked read.
     """
 
-    def __init__(self, parts: urllib.parse.SplitResult, deadline: float) -> None:
+    def __init__(
+        self, parts: urllib.parse.SplitResult, deadline: float, addresses: list[IP]
+    ) -> None:
         self.parts = parts
         self.deadline = deadline
+        self.addresses = addresses
         self.fired = threading.Event()
         self.conn: http.client.HTTPConnection | None = None
         #: Kept apart from the connection, which lets go of it once the headers are in.
@@ -123,12 +144,15 @@ class _Exchange:
     def _open(self) -> None:
         parts = self.parts
         timeout = self.remaining()
+        # An explicit port: http.client would read the last group of a bare IPv6 host as one.
         if parts.scheme == "https":
-            self.conn = http.client.HTTPSConnection(
-                parts.hostname, parts.port, timeout=timeout, context=_tls()
+            self.conn = _PinnedHTTPSConnection(
+                parts.hostname, _port(parts), self.addresses, timeout=timeout, context=_tls()
             )
         else:
-            self.conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+            self.conn = _PinnedHTTPConnection(
+                parts.hostname, _port(parts), self.addresses, timeout=timeout
+            )
         self.watchdog = threading.Timer(timeout, self._abort)
         self.watchdog.daemon = True
         self.watchdog.start()
@@ -185,6 +209,73 @@ class _Exchange:
                 # The plain socket's shutdown, under TLS too: it wakes a read blocked in
                 # another thread without touching the TLS state that read is using.
                 socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
+class _PinnedHTTPConnection(http.client.HTTPConnection):
+    """Connects to the checked addresses, never to what the host name resolves to now.
+
+    ``self.host`` stays the name from the URL, so the Host header names it.
+    """
+
+    def __init__(
+        self, host: str, port: int, addresses: list[IP], *, timeout: float, **kwargs: Any
+    ) -> None:
+        super().__init__(host, port, timeout=timeout, **kwargs)
+        self.addresses = list(addresses)
+
+    def connect(self) -> None:
+        self.sock = _connect_pinned(self.addresses, self.port, self.timeout)
+        with contextlib.suppress(OSError):  # as http.client does; not every OS has it
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class _PinnedHTTPSConnection(_PinnedHTTPConnection):
+    """The same over TLS: SNI and the certificate's name check use the URL's host name."""
+
+    default_port = http.client.HTTPS_PORT
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        addresses: list[IP],
+        *,
+        timeout: float,
+        context: ssl.SSLContext,
+    ) -> None:
+        super().__init__(host, port, addresses, timeout=timeout)
+        self.context = context
+
+    def connect(self) -> None:
+        super().connect()
+        assert self.sock is not None
+        self.sock = self.context.wrap_socket(self.sock, server_hostname=self.host)
+
+
+def _connect_pinned(addresses: list[IP], port: int, timeout: float | None) -> socket.socket:
+    """A TCP connection to the first of ``addresses`` that answers; no name lookup.
+
+    ``timeout`` bounds all the attempts together, not each one.
+    """
+    ends = None if timeout is None else time.monotonic() + timeout
+    last: OSError | None = None
+    for ip in addresses:
+        left = None if ends is None else ends - time.monotonic()
+        if left is not None and left <= 0:
+            raise TimeoutError("connect timed out")
+        family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(left)
+            sock.connect((str(ip), port))
+        except OSError as exc:
+            sock.close()
+            last = exc
+            continue
+        sock.settimeout(timeout)  # each later read is bounded as http.client would
+        return sock
+    assert last is not None, "resolve_and_check answers at least one address"
+    raise last
 
 
 def _result(exchange: _Exchange, url: str, limit: int) -> dict[str, Any]:
