@@ -63,7 +63,6 @@ import logging
 import os
 import posixpath
 import re
-import threading
 import time
 import types
 import urllib.parse
@@ -74,6 +73,7 @@ from typing import Any
 import yaml
 
 from goclaw.errors import ConfigError
+from goclaw.filewatch import ThrottledCheck, stamp
 
 log = logging.getLogger(__name__)
 
@@ -533,17 +533,6 @@ def _under(path: str, root: str) -> bool:
 
 # -- watching ------------------------------------------------------------------------
 
-#: (mtime_ns, ctime_ns, size, inode), or None when the file is absent.
-_Stamp = tuple[int, int, int, int] | None
-
-
-def _stamp(path: Path) -> _Stamp:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino)
-
 
 class PolicyWatcher:
     """The current ``Policy`` of a file, reloaded when the file changes.
@@ -571,15 +560,12 @@ class PolicyWatcher:
         self.path = Path(path)
         self._known_tools = frozenset(default_known_tools() if known_tools is None else known_tools)
         self._on_rejected = on_rejected
-        self._check_interval = check_interval
-        self._clock = clock
-        self._lock = threading.Lock()
         self._last_error: str | None = None
-        self._seen = _stamp(self.path)
+        self._seen = stamp(self.path)
         self._policy = load_policy(self.path, self._known_tools)
         if self._policy.missing:
             log.warning("no policy file at %s: every capability is denied", self.path)
-        self._last_check = clock()
+        self._throttled_check = ThrottledCheck(self._check, check_interval, clock=clock)
 
     @property
     def last_error(self) -> str | None:
@@ -588,25 +574,15 @@ class PolicyWatcher:
 
     def current(self) -> Policy:
         """The policy in force now (reloaded first if the file changed and it is time)."""
-        if self._clock() - self._last_check < self._check_interval:
-            return self._policy
-        if not self._lock.acquire(blocking=False):
-            return self._policy  # another thread is reloading: take the policy as it is
-        try:
-            now = self._clock()
-            if now - self._last_check >= self._check_interval:
-                self._last_check = now
-                self._check()
-        finally:
-            self._lock.release()
+        self._throttled_check()
         return self._policy
 
     def _check(self) -> None:
-        stamp = _stamp(self.path)
-        if stamp == self._seen:
+        now = stamp(self.path)
+        if now == self._seen:
             return
         # Recorded before reading: an edit racing the read moves the stamp again.
-        self._seen = stamp
+        self._seen = now
         try:
             policy = load_policy(self.path, self._known_tools)
         except PolicyError as exc:

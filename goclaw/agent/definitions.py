@@ -19,8 +19,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
-import threading
 import time
 import types
 from collections.abc import Callable, Collection, Mapping
@@ -29,6 +27,7 @@ from typing import Any
 
 from goclaw.config import AgentSettings, Config, ModelSettings, load_config
 from goclaw.errors import ConfigError
+from goclaw.filewatch import Stamp, ThrottledCheck, stamp
 
 log = logging.getLogger(__name__)
 
@@ -156,18 +155,6 @@ def _digest(data: Any) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:VERSION_LENGTH]
 
 
-#: What a file looked like at a check: (mtime_ns, size, inode), or None when absent.
-_Stamp = tuple[int, int, int] | None
-
-
-def _stamp(path: Path) -> _Stamp:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_mtime_ns, st.st_size, st.st_ino)
-
-
 #: How stale a worker's view of config.yaml may be: edits are seen within this.
 RELOAD_CHECK_SECONDS = 1.0
 
@@ -204,14 +191,11 @@ class AgentCatalog:
         self._config_file = self._config_path or self._home / "config.yaml"
         self._env = dict(env)
         self._known_tools = frozenset(known_tools)
-        self._check_interval = check_interval
-        self._clock = clock
-        self._lock = threading.Lock()
         self._last_error: str | None = None
         self._prompt_files: tuple[Path, ...] = ()
         self._seen = self._stamps()
         self._catalog = self._reload()
-        self._last_check = clock()
+        self._throttled_check = ThrottledCheck(self._check, check_interval, clock=clock)
 
     @classmethod
     def from_config(
@@ -231,18 +215,7 @@ class AgentCatalog:
 
     def current(self) -> Catalog:
         """The catalog to start a task under; hold on to it for the task's whole run."""
-        if self._clock() - self._last_check < self._check_interval:
-            return self._catalog
-        # A thread that finds another one reloading takes the catalog as it is, unblocked.
-        if not self._lock.acquire(blocking=False):
-            return self._catalog
-        try:
-            now = self._clock()
-            if now - self._last_check >= self._check_interval:
-                self._last_check = now
-                self._check()
-        finally:
-            self._lock.release()
+        self._throttled_check()
         return self._catalog
 
     def _check(self) -> None:
@@ -272,12 +245,12 @@ class AgentCatalog:
             # Watch a prompt file from the moment config names it, even while it is missing
             # (creating it then reloads), and stamp it before it is read, like config.yaml.
             self._prompt_files = prompts
-            self._seen = (self._seen[0], *((path, _stamp(path)) for path in prompts))
+            self._seen = (self._seen[0], *((path, stamp(path)) for path in prompts))
         return build_catalog(config, self._known_tools)
 
-    def _stamps(self) -> tuple[tuple[Path, _Stamp], ...]:
+    def _stamps(self) -> tuple[tuple[Path, Stamp], ...]:
         files = (self._config_file, *self._prompt_files)
-        return tuple((path, _stamp(path)) for path in files)
+        return tuple((path, stamp(path)) for path in files)
 
 
 def _describe_change(old: Catalog, new: Catalog) -> str:
