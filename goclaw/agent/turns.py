@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from goclaw import event_log
 from goclaw.agent.sessions import SessionStore
 from goclaw.broker import Broker
 from goclaw.records import Submitted, TaskEvent
@@ -100,17 +101,20 @@ def follow(
     Raises ``TimeoutError`` if it has not ended within ``timeout`` seconds.
     """
     deadline = None if timeout is None else clock() + timeout
+    # The task's commit-ordered cursor (its session's seq for a turn): a serial id is not
+    # commit-ordered on PostgreSQL, and following it could skip a late event.
+    stream = event_log.resolve(broker.db, task_id=task_id)
     after = 0
     while True:
-        events = broker.events(task_id, after=after)
+        events = event_log.read(broker.db, stream, after=after)
         for event in events:
-            after = event.event_id
+            after = stream.cursor(event)
             yield event
         if not events:
             if TaskState(broker.get(task_id).state) in TERMINAL:
                 # One last read: events committed just before the final state.
-                for event in broker.events(task_id, after=after):
-                    after = event.event_id
+                for event in event_log.read(broker.db, stream, after=after):
+                    after = stream.cursor(event)
                     yield event
                 return
             if deadline is not None and clock() > deadline:

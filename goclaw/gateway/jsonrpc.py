@@ -38,6 +38,8 @@ import dataclasses
 import json
 from typing import Any
 
+from goclaw.gateway import client_json
+
 PARSE_ERROR = -32700
 INVALID_REQUEST = -32600
 METHOD_NOT_FOUND = -32601
@@ -120,7 +122,7 @@ class BadMessage(Exception):
 def parse(text: str) -> Message:
     """Parse one frame; raise ``BadMessage`` with the right code for anything else."""
     try:
-        data = json.loads(text, parse_constant=_no_constants)
+        data = client_json.loads(text)
     except (ValueError, RecursionError) as exc:
         raise BadMessage(RpcError(PARSE_ERROR, f"not valid JSON: {exc}"[:200])) from None
     if isinstance(data, list):
@@ -145,7 +147,7 @@ def parse(text: str) -> Message:
     extra = set(data) - {"jsonrpc", "method", "params", "id"}
     if extra:
         raise BadMessage(RpcError(INVALID_REQUEST, f"unknown member {sorted(extra)[0]!r}"), msg_id)
-    if "\\u" in text and not storable(data):
+    if "\\u" in text and not client_json.storable(data):
         raise BadMessage(
             RpcError(INVALID_REQUEST, "strings must not contain NUL or unpaired UTF-16 surrogates"),
             msg_id,
@@ -162,34 +164,6 @@ def parse(text: str) -> Message:
     if not isinstance(params, dict):
         raise BadMessage(RpcError(INVALID_PARAMS, "params must be an object"), msg_id, has_id)
     return Message(method, params, msg_id, not has_id)
-
-
-def _no_constants(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-def storable(value: Any) -> bool:
-    """No NUL and no lone surrogate in any string (keys included) of a decoded JSON value.
-
-    Iterative: a message nested as deep as the JSON parser allows must not overflow the
-    stack here.
-    """
-    pending = [value]
-    while pending:
-        item = pending.pop()
-        if isinstance(item, str):
-            if "\x00" in item:
-                return False
-            try:
-                item.encode("utf-8")
-            except UnicodeEncodeError:
-                return False
-        elif isinstance(item, dict):
-            pending.extend(item.keys())
-            pending.extend(item.values())
-        elif isinstance(item, list):
-            pending.extend(item)
-    return True
 
 
 def dumps(value: Any) -> str:

@@ -34,8 +34,8 @@ from goclaw.agent.sessions import SessionStore, Usage
 from goclaw.agent.turns import check_session_key
 from goclaw.config import DEFAULT_AGENT_ID
 from goclaw.errors import IllegalTransition
+from goclaw.gateway import client_json
 from goclaw.gateway.chat import QueueSaturated, queue_turn
-from goclaw.gateway.jsonrpc import storable
 from goclaw.gateway.limits import retry_after_header
 from goclaw.gateway.pump import Encoded, Subscription
 from goclaw.gateway.responses import openai_error
@@ -117,18 +117,14 @@ async def _read_body(request: web.Request, state: GatewayState) -> dict[str, Any
     except web.HTTPRequestEntityTooLarge:
         raise BadRequest(f"request body is over gateway.max_body_bytes ({limit:,} bytes)") from None
     try:
-        body = json.loads(raw, parse_constant=_no_constants)
+        body = client_json.loads(raw)
     except (ValueError, RecursionError) as exc:
         raise BadRequest(f"the body is not valid JSON: {exc}"[:300]) from None
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object")
-    if not storable(body):
+    if not client_json.storable(body):
         raise BadRequest("strings must not contain NUL or unpaired UTF-16 surrogates")
     return body
-
-
-def _no_constants(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
 
 
 def _parse(body: dict[str, Any], request: web.Request) -> tuple[str, str, str | None, bool]:
