@@ -19,10 +19,14 @@ Nothing is allowed unless the policy says so. The file::
       - ~/notes                     # ~/: under the home of the user goclaw runs as
     networks:                       # non-public networks the SSRF guard may reach
       - 10.0.0.0/8                  #   (default none: public addresses only)
+    approvals:                      # per tool: allowlist (default) | ask | deny
+      exec: ask                     #   ask: an allowed call also waits for a human
+    approval_timeout: 10m           # an unanswered request is denied after this
     agents:                         # per-agent overrides: they can only narrow
       coder:
         allow: [tools.read_file]    # replaces the global list for this agent
         paths: [src]                # must lie under a global entry of the same kind
+        approvals: {write_file: ask}  # merged with the global modes, each as strict or stricter
 
 Rules:
 
@@ -39,11 +43,20 @@ Rules:
   components (``/srv/data`` does not match ``/srv/database``). A subject path is
   joined to the agent's workspace when relative and normalised the same way. The
   file tools still resolve symlinks and keep every access inside the workspace.
-- ``agents.<id>``: the keys ``allow``, ``domains``, ``paths``, ``networks``; a key
-  left out inherits the global value, a key given replaces it, and every entry
-  must already be allowed globally (a narrower capability, host, suffix, path or
-  network is fine; anything wider is an error naming its line). An agent without
-  a section gets the global policy.
+- ``approvals``: how a *built-in tool* call that the rules above allow is gated.
+  ``allowlist`` (the default for a tool not listed): the allowlists decide alone.
+  ``ask``: the call also needs a human's answer (``goclaw approvals``, ACP
+  ``approval.respond``) unless a persisted allow-always rule covers it; no answer
+  within ``approval_timeout`` (``90s``, ``10m``, ``1h``; default 10m) is a denial.
+  ``deny``: the tool is refused even where the capability is granted. A human can
+  never approve what the allowlists deny: ``ask`` only adds a gate.
+- ``agents.<id>``: the keys ``allow``, ``domains``, ``paths``, ``networks``,
+  ``approvals``; a key left out inherits the global value, a list given replaces
+  it, and every entry must already be allowed globally (a narrower capability,
+  host, suffix, path or network is fine; anything wider is an error naming its
+  line). ``approvals`` is merged per tool with the global modes and may only make
+  a tool stricter (allowlist < ask < deny). An agent without a section gets the
+  global policy.
 - Unknown keys, unknown capabilities, malformed hosts, paths and CIDRs, duplicate
   keys and YAML errors fail the load with ``FILE:LINE: key: why``.
 
@@ -68,23 +81,37 @@ import types
 import urllib.parse
 from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from goclaw.errors import ConfigError
 from goclaw.filewatch import ThrottledCheck, stamp
 
+if TYPE_CHECKING:
+    from goclaw.audit import AuditLog
+
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+#: The policy file, relative to ``$GOCLAW_HOME``.
+POLICY_FILE = "policy.yaml"
+#: The capability a rejected reload is audited under.
+RELOAD_CAPABILITY = "policy.reload"
 #: Hex digits kept of the sha256 that names a policy (as agent definitions do).
 VERSION_LENGTH = 12
 #: How stale ``PolicyWatcher.current()`` may be: an edit is seen within this (and < 1 s).
 RELOAD_CHECK_SECONDS = 0.5
 
-RULE_KEYS = ("allow", "domains", "paths", "networks")
-TOP_KEYS = ("version", *RULE_KEYS, "agents")
+LIST_KEYS = ("allow", "domains", "paths", "networks")
+RULE_KEYS = (*LIST_KEYS, "approvals")
+TOP_KEYS = ("version", *RULE_KEYS, "approval_timeout", "agents")
+#: Approval modes from the most permissive to the strictest; an agent may only move right.
+APPROVAL_MODES = ("allowlist", "ask", "deny")
+DEFAULT_APPROVAL_MODE = "allowlist"
+DEFAULT_APPROVAL_TIMEOUT_SECONDS = 600.0
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhd]?)$")
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 #: Fixed capabilities besides ``tools.<name>``, ``skills.<name>`` and ``mcp.<server>.<tool>``.
 FIXED_CAPABILITIES = frozenset({"acp.read", "acp.mutate", "net.http"})
 #: Capabilities whose subject is a file path judged by ``paths``.
@@ -120,13 +147,19 @@ class Rules:
     #: Normalised; absolute, or relative to the agent's workspace.
     paths: tuple[str, ...] = ()
     networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    #: (tool, mode) pairs, sorted; a tool not listed is ``allowlist``.
+    approvals: tuple[tuple[str, str], ...] = ()
 
-    def canonical(self) -> dict[str, list[str]]:
+    def approval_mode(self, tool: str) -> str:
+        return dict(self.approvals).get(tool, DEFAULT_APPROVAL_MODE)
+
+    def canonical(self) -> dict[str, Any]:
         return {
             "allow": sorted(self.allow),
             "domains": sorted(self.domains),
             "paths": sorted(self.paths),
             "networks": sorted(str(n) for n in self.networks),
+            "approvals": dict(self.approvals),
         }
 
 
@@ -141,6 +174,8 @@ class Policy:
     source: str = "policy.yaml"
     #: True when the file did not exist (everything is denied).
     missing: bool = False
+    #: How long an ``ask`` request waits for a human before it counts as denied.
+    approval_timeout: float = DEFAULT_APPROVAL_TIMEOUT_SECONDS
 
     def current(self) -> Policy:
         """A fixed policy is its own source (what ``PolicyWatcher.current`` is for a file)."""
@@ -157,6 +192,10 @@ class Policy:
     ) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
         """For ``ToolContext.allowed_networks``: non-public networks the SSRF guard may reach."""
         return self.rules_for(agent_id).networks
+
+    def approval_mode(self, agent_id: str | None, tool: str) -> str:
+        """``allowlist``, ``ask`` or ``deny`` for a call of built-in ``tool`` by this agent."""
+        return self.rules_for(agent_id).approval_mode(tool)
 
     def decide(
         self,
@@ -229,7 +268,8 @@ def load_policy(path: str | os.PathLike[str], known_tools: Collection[str] | Non
 def deny_all(source: str = "policy.yaml") -> Policy:
     """What a missing file means: no capability for anyone."""
     rules = Rules()
-    return Policy(rules, types.MappingProxyType({}), _version(rules, {}), source, missing=True)
+    version = _version(rules, {}, DEFAULT_APPROVAL_TIMEOUT_SECONDS)
+    return Policy(rules, types.MappingProxyType({}), version, source, missing=True)
 
 
 def parse_policy(
@@ -281,11 +321,19 @@ class _Parser:
                     raise self.fail(section, key, "must be a mapping (allow, domains, ...)")
                 fields = self.mapping(section, key, RULE_KEYS)
                 agents[agent_id] = self.rules(fields, f"{key}.", rules)
+        timeout = DEFAULT_APPROVAL_TIMEOUT_SECONDS
+        if "approval_timeout" in top:
+            tnode = top["approval_timeout"][1]
+            try:
+                timeout = parse_duration(self.scalar(tnode, "approval_timeout"))
+            except ValueError as exc:
+                raise self.fail(tnode, "approval_timeout", str(exc)) from None
         return Policy(
             rules,
             types.MappingProxyType(agents),
-            _version(rules, agents),
+            _version(rules, agents, timeout),
             self.source,
+            approval_timeout=timeout,
         )
 
     def mapping(
@@ -326,8 +374,8 @@ class _Parser:
         self, fields: dict[str, tuple[yaml.Node, yaml.Node]], prefix: str, parent: Rules | None
     ) -> Rules:
         """Global rules (``parent`` None) or an agent's, each entry checked against ``parent``."""
-        values: dict[str, Any] = {}
-        for name in RULE_KEYS:
+        values: dict[str, Any] = {"approvals": self.approvals(fields, prefix, parent)}
+        for name in LIST_KEYS:
             if name not in fields:
                 values[name] = getattr(parent if parent is not None else Rules(), name)
                 continue
@@ -341,6 +389,48 @@ class _Parser:
                     raise self.fail(item, ikey, str(exc)) from None
             values[name] = frozenset(entries) if name == "allow" else tuple(dict.fromkeys(entries))
         return Rules(**values)
+
+    def approvals(
+        self, fields: dict[str, tuple[yaml.Node, yaml.Node]], prefix: str, parent: Rules | None
+    ) -> tuple[tuple[str, str], ...]:
+        """Tool -> mode; an agent's entries merge over ``parent``'s and may only tighten."""
+        modes = dict(parent.approvals) if parent is not None else {}
+        if "approvals" not in fields:
+            return tuple(sorted(modes.items()))
+        key = prefix + "approvals"
+        node = fields["approvals"][1]
+        if isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null":
+            return tuple(sorted(modes.items()))
+        if not isinstance(node, yaml.MappingNode):
+            raise self.fail(node, key, "must be a mapping of tool name to allowlist|ask|deny")
+        for tool, (knode, vnode) in self.mapping(node, key, None).items():
+            tkey = f"{key}.{tool}"
+            if tool not in self.known_tools:
+                known = ", ".join(sorted(self.known_tools)) or "none"
+                raise self.fail(knode, tkey, f"unknown tool (tools: {known})")
+            mode = self.scalar(vnode, tkey)
+            if mode not in APPROVAL_MODES:
+                raise self.fail(vnode, tkey, f"must be one of {', '.join(APPROVAL_MODES)}")
+            inherited = modes.get(tool, DEFAULT_APPROVAL_MODE)
+            if parent is not None and APPROVAL_MODES.index(mode) < APPROVAL_MODES.index(inherited):
+                raise self.fail(
+                    vnode, tkey, f"{mode} widens the global policy's {inherited} for {tool}"
+                )
+            modes[tool] = mode
+        return tuple(sorted(modes.items()))
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from ``90``, ``90s``, ``10m``, ``1.5h`` or ``1d``; must be positive."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(f"{value!r} is not a duration (90s, 10m, 1h)")
+    match = _DURATION.match(str(value).strip().lower())
+    if match is None:
+        raise ValueError(f"{value!r} is not a duration (90s, 10m, 1h)")
+    seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    if not 0 < seconds < float("inf"):
+        raise ValueError(f"{value!r} must be more than zero")
+    return seconds
 
 
 def _parse_capability(raw: str, known_tools: frozenset[str], parent: Rules | None) -> str:
@@ -406,11 +496,12 @@ _PARSE: dict[str, Callable[[str, frozenset[str], Rules | None], Any]] = {
 }
 
 
-def _version(rules: Rules, agents: Mapping[str, Rules]) -> str:
+def _version(rules: Rules, agents: Mapping[str, Rules], approval_timeout: float) -> str:
     data = {
         "format": FORMAT_VERSION,
         "rules": rules.canonical(),
         "agents": {agent_id: r.canonical() for agent_id, r in sorted(agents.items())},
+        "approval_timeout": approval_timeout,
     }
     text = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:VERSION_LENGTH]
@@ -604,3 +695,28 @@ class PolicyWatcher:
                 self._on_rejected(reason, kept)
             except Exception:
                 log.exception("policy on_rejected callback failed")
+
+
+def policy_path(home: str | os.PathLike[str]) -> Path:
+    """The policy file of a goclaw home."""
+    return Path(home) / POLICY_FILE
+
+
+def watch_policy(path: str | os.PathLike[str], audit: AuditLog | None) -> PolicyWatcher:
+    """A process's ``PolicyWatcher``: a refused edit is audited (``policy.reload``) as well
+    as logged. Raises ``PolicyError`` for an invalid file: the process must not start."""
+
+    def rejected(reason: str, kept_version: str) -> None:
+        if audit is not None:
+            audit.record(
+                agent="-",
+                task_id=None,
+                session=None,
+                capability=RELOAD_CAPABILITY,
+                subject=str(path),
+                decision="reject",
+                reason=f"kept version {kept_version}: {reason}",
+                policy_version=kept_version,
+            )
+
+    return PolicyWatcher(path, on_rejected=rejected)

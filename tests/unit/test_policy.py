@@ -267,3 +267,78 @@ def test_known_tools_default_to_the_builtin_ones():
     assert policy.decide("a", "tools.web_fetch", "https://x/").allowed
     with pytest.raises(PolicyError, match="unknown tool capability"):
         parse_policy("version: 1\nallow: [tools.teleport]\n")
+
+
+# -- approval modes ---------------------------------------------------------------------
+
+
+def test_approval_modes_default_to_allowlist_and_merge_per_agent():
+    policy = parse(
+        """\
+        version: 1
+        allow: [tools.exec, tools.write_file, tools.read_file]
+        approvals: {exec: ask}
+        approval_timeout: 90s
+        agents:
+          careful:
+            approvals: {write_file: ask, exec: deny}
+          plain: {}
+        """
+    )
+    assert policy.approval_timeout == 90
+    assert policy.approval_mode("other", "exec") == "ask"
+    assert policy.approval_mode("other", "read_file") == "allowlist"
+    assert policy.approval_mode("careful", "exec") == "deny"
+    assert policy.approval_mode("careful", "write_file") == "ask"
+    assert policy.approval_mode("plain", "exec") == "ask"  # inherited, not dropped
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "version: 1\napprovals:\n  teleport: ask\n",
+            "policy.yaml:3: approvals.teleport: unknown tool",
+        ),
+        (
+            "version: 1\napprovals:\n  exec: maybe\n",
+            "policy.yaml:3: approvals.exec: must be one of",
+        ),
+        ("version: 1\napprovals: [exec]\n", "policy.yaml:2: approvals: must be a mapping"),
+        (
+            "version: 1\napprovals: {exec: ask}\nagents:\n  a:\n    approvals: {exec: allowlist}\n",
+            "policy.yaml:5: agents.a.approvals.exec: allowlist widens the global policy's ask",
+        ),
+        ("version: 1\napproval_timeout: soon\n", "policy.yaml:2: approval_timeout:"),
+        ("version: 1\napproval_timeout: 0s\n", "must be more than zero"),
+        ("version: 1\napproval_timeout: -5\n", "policy.yaml:2: approval_timeout:"),
+    ],
+)
+def test_approval_errors_name_the_line(text, expected):
+    assert expected in error_of(text)
+
+
+def test_durations():
+    from goclaw.policy import parse_duration
+
+    assert [parse_duration(v) for v in (90, "90", "90s", "10m", "1.5h", "1d")] == [
+        90,
+        90,
+        90,
+        600,
+        5400,
+        86400,
+    ]
+    for bad in ("", "m", "10 minutes", True, None, "inf"):
+        with pytest.raises(ValueError):
+            parse_duration(bad)
+
+
+def test_approval_settings_change_the_version():
+    base = "version: 1\nallow: [tools.exec]\n"
+    versions = {
+        parse(base).version,
+        parse(base + "approvals: {exec: ask}\n").version,
+        parse(base + "approvals: {exec: ask}\napproval_timeout: 5m\n").version,
+    }
+    assert len(versions) == 3
