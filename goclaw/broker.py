@@ -54,10 +54,12 @@ NO_LEASE: dict[str, Any] = {"lease_owner": None, "lease_expires_at": None}
 class Outcome:
     """What a worker reports about a claim it ran."""
 
-    status: str  # succeeded | error | permanent | canceled | released
+    status: str  # succeeded | error | permanent | canceled | released | parked
     result: Any = None
     error: str | None = None
     code: str | None = None
+    #: For ``parked``: when the task becomes claimable again unless woken earlier.
+    until: float | None = None
 
     @classmethod
     def succeeded(cls, result: Any = None) -> Outcome:
@@ -74,6 +76,10 @@ class Outcome:
     @classmethod
     def canceled(cls, message: str = "canceled by the task") -> Outcome:
         return cls("canceled", error=message)
+
+    @classmethod
+    def parked(cls, message: str, until: float) -> Outcome:
+        return cls("parked", error=message, until=until)
 
     @classmethod
     def released(cls, message: str = "worker shut down before the task finished") -> Outcome:
@@ -405,6 +411,12 @@ class Broker:
             # Interrupted by a shutdown: the attempt did not really happen.
             sets = {**NO_LEASE, "attempts": max(attempts - 1, 0), "run_after": now}
             return S.QUEUED, sets, "task.released"
+        if outcome.status == "parked":
+            # Waiting on the world (an approval), not failing: the attempt is given back
+            # and the error streak is left alone.
+            until = now if outcome.until is None else max(outcome.until, now)
+            sets = {**NO_LEASE, "attempts": max(attempts - 1, 0), "run_after": until}
+            return S.RETRY_WAIT, sets, "task.parked"
         if outcome.status != "error":
             raise ValueError(f"unknown outcome status {outcome.status!r}")
         streak = streak + 1 if error == last_error else 1
@@ -456,6 +468,48 @@ class Broker:
             f"SELECT id FROM tasks WHERE id IN ({marks}) AND state = 'CANCELED'", tuple(task_ids)
         )
         return [r[0] for r in rows]
+
+    def wake(self, task_id: int, *, why: str, now: float | None = None) -> bool:
+        """Make a parked (RETRY_WAIT) task claimable now; False if it is not waiting.
+
+        Not a state change, so it is logged as a ``task.woken`` event from
+        RETRY_WAIT to itself. Waiting workers are rung to claim it.
+        """
+        now = self.clock() if now is None else now
+        with self.transaction():
+            row = self.db.fetchone(
+                "UPDATE tasks SET run_after = ?, updated_at = ? "
+                "WHERE id = ? AND state = 'RETRY_WAIT' AND run_after > ? RETURNING id",
+                (now, now, task_id, now),
+            )
+            if row is None:
+                return False
+            self.note(task_id, "task.woken", {"why": why}, now=now)
+            self.doorbell.ring(self.db, ANY_QUEUE)
+        return True
+
+    def note(
+        self,
+        task_id: int,
+        event_type: str,
+        detail: Mapping[str, Any] | None = None,
+        *,
+        now: float | None = None,
+    ) -> None:
+        """Append an event about a task that does not change its state.
+
+        It is written from and to the task's current state, in the caller's
+        transaction, and joins the task's session stream when it has one.
+        """
+        now = self.clock() if now is None else now
+        with self.transaction():
+            row = self.db.fetchone("SELECT state, session_key FROM tasks WHERE id = ?", (task_id,))
+            if row is None:
+                raise TaskNotFound(f"task {task_id} does not exist")
+            state = S(row[0])
+            self._insert_events(
+                [(task_id, event_type, state, state, now, None, None, _json(detail), row[1])]
+            )
 
     def next_due(self, queue: str) -> float | None:
         """When the earliest waiting task of ``queue`` becomes claimable."""
@@ -829,7 +883,7 @@ def _detail(outcome: Outcome, sets: Mapping[str, Any]) -> dict[str, Any] | None:
         detail["error"] = outcome.error[:MAX_ERROR_CHARS]
     if sets.get("reason"):
         detail["reason"] = str(sets["reason"])
-    if "run_after" in sets and outcome.status == "error":
+    if "run_after" in sets and outcome.status in ("error", "parked"):
         detail["retry_at"] = sets["run_after"]
     return detail or None
 

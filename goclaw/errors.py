@@ -56,3 +56,20 @@ class PermanentTaskError(Exception):
 
 class TaskCanceled(Exception):
     """Raised inside task code when its task was canceled while it ran."""
+
+
+class TaskParked(Exception):
+    """Raised by task code that must wait for something outside it (a human's approval).
+
+    The task gives up its lease and worker slot and waits in RETRY_WAIT until
+    ``until`` (epoch seconds), or until someone wakes it (``Broker.wake``); the
+    attempt does not count against ``max_attempts``: nothing failed.
+    """
+
+    def __init__(self, message: str, until: float) -> None:
+        super().__init__(message)
+        self.until = until
+
+    def __reduce__(self) -> tuple[type[TaskParked], tuple[str, float]]:
+        # Process workers pickle exceptions; the default would drop ``until``.
+        return (type(self), (str(self), self.until))

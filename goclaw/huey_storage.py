@@ -39,7 +39,7 @@ from huey.storage import BaseStorage
 from goclaw.broker import POSITIONAL_KEY, Broker, Outcome, decode_payload
 from goclaw.context import TaskContext
 from goclaw.doorbell import Listener
-from goclaw.errors import DatabaseError, PermanentTaskError, TaskCanceled
+from goclaw.errors import DatabaseError, PermanentTaskError, TaskCanceled, TaskParked
 from goclaw.leases import Holdings, LeaseKeeper, Reaper, ServiceThread
 from goclaw.records import Claim
 from goclaw.store.kv import KeyValue
@@ -315,6 +315,8 @@ class GoclawStorage(BaseStorage):
             outcome = Outcome.permanent(str(exc), exc.code)
         elif isinstance(exc, TaskCanceled | CancelExecution):
             outcome = Outcome.canceled(str(exc) or "canceled")
+        elif isinstance(exc, TaskParked):
+            outcome = Outcome.parked(str(exc), exc.until)
         else:
             outcome = Outcome.error_from(exc)
         self._queue_report(task.id, outcome)

@@ -32,7 +32,8 @@ Metrics:
     One observation per run, from ``task.started`` to the event that ended the
     run. ``outcome`` is ``succeeded``, ``failed``, ``retry`` (raised, will be
     retried), ``dead_letter``, ``canceled``, ``lease_expired`` (the worker
-    vanished) or ``released`` (its worker shut down).
+    vanished), ``released`` (its worker shut down) or ``parked`` (it waits for an
+    approval without holding a worker).
 ``goclaw_model_calls_total{agent,model,outcome}`` (counter)
     Model requests; ``outcome`` is ``ok`` or the failure class
     (``rate_limited``, ``timeout``, ...).
@@ -179,6 +180,7 @@ RUN_ENDS = {
     "task.canceled": "canceled",
     "lease.expired": "lease_expired",
     "task.released": "released",
+    "task.parked": "parked",
 }
 #: Events some metric reads; every other event only moves the cursor.
 USED_EVENTS = frozenset({"task.claimed", *RUN_ENDS})
@@ -189,6 +191,8 @@ BECOMES_DUE = (
     "lease.expired",
     "task.released",
     "task.requeued",
+    "task.parked",
+    "task.woken",
 )
 
 _IN_DUE = ", ".join(f"'{t}'" for t in BECOMES_DUE)
@@ -531,8 +535,8 @@ def _due(
 ) -> float | None:
     """When the claimed task became due, from the event that made it claimable.
 
-    After a retry it is the event's ``retry_at``; after a lease expiry, a
-    release or a re-queue, the event's own time. A fresh submission is due at
+    After a retry or a park it is the event's ``retry_at``; after a lease
+    expiry, a release, a re-queue or a wake, the event's own time. A fresh submission is due at
     its ``run_after`` (a ``run_after`` in the event's detail, should the broker
     ever record one there, else the task row's). A claim never changes the
     row's ``run_after``, and whatever changes it later (a retry, a lease expiry,
@@ -542,7 +546,7 @@ def _due(
     if due_type is None:
         return run_after if run_after <= claimed_at else None
     detail = _loads(due_detail)
-    if due_type == "task.retry_scheduled":
+    if due_type in ("task.retry_scheduled", "task.parked"):
         retry_at = detail.get("retry_at")
         if isinstance(retry_at, int | float):
             return float(retry_at)

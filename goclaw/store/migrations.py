@@ -221,6 +221,45 @@ MIGRATIONS: tuple[Migration, ...] = (
             "INSERT INTO audit_head (id, seq, hash) VALUES (1, 0, '" + "0" * 64 + "')",
         ),
     ),
+    Migration(
+        5,
+        "durable approvals and allow-always rules",
+        (
+            # One row per gated tool call (goclaw/approvals.py). A turn that meets
+            # an ``ask`` tool parks its task; the answer (or the deadline) wakes it.
+            """CREATE TABLE approvals (
+                id {serial_pk},
+                task_id BIGINT NOT NULL REFERENCES tasks(id),
+                call_id TEXT NOT NULL,
+                agent TEXT NOT NULL,
+                session_key TEXT,
+                capability TEXT NOT NULL,
+                subject TEXT NOT NULL,
+                arguments TEXT NOT NULL,
+                policy_version TEXT NOT NULL,
+                state TEXT NOT NULL,
+                scope TEXT,
+                created_at {double} NOT NULL,
+                expires_at {double} NOT NULL,
+                decided_at {double},
+                decided_by TEXT,
+                note TEXT,
+                UNIQUE (task_id, call_id)
+            )""",
+            "CREATE INDEX approvals_state ON approvals (state, expires_at)",
+            # Allow-always: a human's standing yes to one (agent, capability, subject).
+            """CREATE TABLE approval_rules (
+                id {serial_pk},
+                agent TEXT NOT NULL,
+                capability TEXT NOT NULL,
+                subject TEXT NOT NULL,
+                created_at {double} NOT NULL,
+                created_by TEXT NOT NULL,
+                approval_id BIGINT,
+                UNIQUE (agent, capability, subject)
+            )""",
+        ),
+    ),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version

@@ -572,7 +572,7 @@ def test_broker_matches_model_on_postgresql(postgres_schema_url):
 
     def fresh():
         with db.transaction():
-            db.execute("TRUNCATE task_events, tasks, leaders RESTART IDENTITY")
+            db.execute("TRUNCATE task_events, approvals, tasks, leaders RESTART IDENTITY")
         return db, lambda: None
 
     machine = type("PostgresMachine", (BrokerMachine,), {"open_database": staticmethod(fresh)})
