@@ -61,6 +61,8 @@ from goclaw.store.database import Database
 log = logging.getLogger(__name__)
 
 GENESIS = "0" * 64
+#: Where the file copy lives, relative to ``$GOCLAW_HOME``.
+AUDIT_FILE = Path("logs") / "audit.jsonl"
 
 #: The fields a caller supplies, in the order of the table's columns.
 FIELDS = (
@@ -75,6 +77,11 @@ FIELDS = (
 )
 _COLUMNS = "seq, at, " + ", ".join(FIELDS) + ", prev_hash, hash"
 _PAGE = 5000
+
+
+def audit_path(home: str | os.PathLike[str]) -> Path:
+    """The audit log's file copy for a goclaw home (every process appends to this one)."""
+    return Path(home) / AUDIT_FILE
 
 
 class AuditError(GoclawError):

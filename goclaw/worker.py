@@ -84,6 +84,7 @@ def build_app(
         from goclaw.agent.runtime import register_agent_kind
 
         runtime = register_agent_kind(app, config)
+        runtime.watch_policy_file()
         if config.worker.preload_models:
             runtime.warm_up()
     for module in kind_modules:

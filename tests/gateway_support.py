@@ -12,6 +12,7 @@ from goclaw.broker import Broker
 from goclaw.config import load_config
 from goclaw.fake_llm import serve_in_thread
 from goclaw.gateway.server import create_app
+from tests.policy_support import write_policy
 
 TOKEN = "s3cr3t-T0ken-0123456789abcdefXYZ"
 
@@ -20,6 +21,7 @@ def write_home(tmp_path: Path, token: str = TOKEN) -> Path:
     path = tmp_path / "home"
     path.mkdir()
     (path / "auth.token").write_text(token + "\n")
+    write_policy(path)
     return path
 
 

@@ -40,18 +40,22 @@ from goclaw.agent.routing import CallHooks, CallRecord, ContextOverflow, ModelEr
 from goclaw.agent.sessions import History, SessionStore
 from goclaw.agent.tools import (
     AllowListedTools,
+    ApprovalRequired,
     PolicyHook,
     ToolContext,
     ToolError,
     ToolLimits,
+    authorize,
+    execute,
     get_tool,
-    invoke,
     parse_arguments,
     tools_for,
 )
+from goclaw.agent.untrusted import BLOCKED, UNTRUSTED_TOOLS, guard
+from goclaw.approvals import Approvals
 from goclaw.context import TaskContext
 from goclaw.doorbell import Doorbell
-from goclaw.errors import PermanentTaskError, TaskCanceled
+from goclaw.errors import PermanentTaskError, TaskCanceled, TaskParked
 from goclaw.redact import Scrubber
 
 log = logging.getLogger(__name__)
@@ -86,6 +90,8 @@ class AgentServices:
     doorbell: Doorbell | None = None
     #: Applied to every tool result before the model, the session or an event sees it.
     scrubber: Scrubber = dataclasses.field(default_factory=Scrubber)
+    #: Where ``ask`` tool calls wait for a human (None: the policy hook refuses them).
+    approvals: Approvals | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,6 +169,7 @@ class AgentTurn:
                 agent_version=self.agent.version,
                 attempt=self.ctx.attempt,
                 models=list(self.agent.models),
+                policy_version=self.tool_context.policy.version(),
             )
             if not self.sessions.turn_messages(self.session_key, self.task_id):
                 self.sessions.append(
@@ -170,6 +177,8 @@ class AgentTurn:
                 )
         try:
             return self._run()
+        except TaskParked:
+            raise  # waiting for a human, recorded by _park: not a failure
         except TaskCanceled as exc:
             self._failed("canceled", str(exc), retry=False)
             raise
@@ -331,15 +340,24 @@ class AgentTurn:
         workers = max(1, min(len(calls), MAX_PARALLEL_TOOLS))
         with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="tool") as pool:
             futures = [
-                pool.submit(self._call_tool, call, allowed=index < budget)
+                pool.submit(self._call_tool_in_thread, call, allowed=index < budget)
                 for index, call in enumerate(calls)
             ]
             outputs = [f.result() for f in futures]
+        waiting = [
+            (call, out)
+            for call, out in zip(calls, outputs, strict=True)
+            if isinstance(out, ApprovalRequired)
+        ]
+        if waiting:
+            self._park(waiting)
         results = []
         for call, (raw, error) in zip(calls, outputs, strict=True):
             # Secrets and credential-shaped strings never reach the model, history or events.
             content = self.services.scrubber.scrub(raw)
             name = call["function"]["name"]
+            if error is None and name in UNTRUSTED_TOOLS:
+                content, error = self._untrusted(call, content)
             key = (name, _canonical(call["function"]["arguments"]), _digest(content))
             if error is None:
                 earlier[key] += 1
@@ -372,8 +390,50 @@ class AgentTurn:
             self._write_calls()
             self.sessions.append(self.session_key, self.task_id, results)
 
-    def _call_tool(self, call: dict[str, Any], *, allowed: bool) -> tuple[str, str | None]:
-        """The tool message content for one call, and its error code (None on success)."""
+    def _untrusted(self, call: dict[str, Any], content: str) -> tuple[str, str | None]:
+        """Mark external content as data for the model, and run the agent's injection guard.
+
+        Findings are logged and recorded as a ``guard.flagged`` event whatever the
+        action; ``warn`` also tells the model, ``block`` withholds the content.
+        """
+        name = call["function"]["name"]
+        target = _arguments_object(call["function"]["arguments"]).get("url", "")
+        action = self.agent.settings.injection_guard
+        guarded = guard(f"{name} {target}".strip(), content, action)
+        if guarded.findings:
+            patterns = [f.pattern for f in guarded.findings]
+            log.warning(
+                "task %s: %s output matches injection patterns %s (injection_guard: %s)",
+                self.task_id,
+                name,
+                ", ".join(patterns),
+                action,
+            )
+            self.events.emit(
+                "guard.flagged",
+                id=call["id"],
+                name=name,
+                action=action,
+                patterns=patterns,
+                excerpts=[f.excerpt for f in guarded.findings],
+            )
+        return guarded.content, (BLOCKED if guarded.blocked else None)
+
+    def _call_tool_in_thread(
+        self, call: dict[str, Any], *, allowed: bool
+    ) -> tuple[str, str | None] | ApprovalRequired:
+        """``_call_tool`` on a pool thread, which then closes the database connection that
+        the policy, the audit log or the effect ledger opened for it: the thread ends."""
+        try:
+            return self._call_tool(call, allowed=allowed)
+        finally:
+            self.db.close()
+
+    def _call_tool(
+        self, call: dict[str, Any], *, allowed: bool
+    ) -> tuple[str, str | None] | ApprovalRequired:
+        """The tool message content for one call, and its error code (None on success);
+        or the ``ApprovalRequired`` the policy raised, for ``_act`` to park the turn on."""
         name = call["function"]["name"]
         try:
             if not allowed:
@@ -384,8 +444,11 @@ class AgentTurn:
                 )
             tool = get_tool(name, self.agent.settings.tools)
             arguments = parse_arguments(tool, call["function"]["arguments"])
+            ctx = dataclasses.replace(self.tool_context, call_id=call["id"])
+            # Before the ledger: a call that waits for approval has not begun.
+            authorize(tool, ctx, arguments)
             if not tool.side_effect:
-                return self._output(invoke(tool, self.tool_context, arguments)), None
+                return self._output(execute(tool, ctx, arguments)), None
             ledger = self.services.effects
             recorded = ledger.begin(self.task_id, call["id"], name, arguments)
             if recorded is not None:
@@ -398,7 +461,7 @@ class AgentTurn:
                     "workspace before retrying it.",
                 )
             try:
-                result = invoke(tool, self.tool_context, arguments)
+                result = execute(tool, ctx, arguments)
             except ToolError as exc:
                 ledger.finish(self.task_id, call["id"], {"error": exc.code, "message": exc.message})
                 raise
@@ -406,6 +469,58 @@ class AgentTurn:
             return self._output(result), None
         except ToolError as exc:
             return _tool_error(exc.code, exc.message), exc.code
+        except ApprovalRequired as exc:
+            return exc
+
+    def _park(self, waiting: list[tuple[dict[str, Any], ApprovalRequired]]) -> None:
+        """Ask a human for each gated call and give the worker slot back until answered.
+
+        The requests, their ``approval.required`` events and ``run.waiting`` commit
+        together; the task then parks until the earliest deadline (an answer wakes
+        it sooner). The next attempt re-runs this reply's calls: those answered go
+        ahead or are refused, the others wait again. Raises ``TaskParked``.
+        """
+        approvals = self.services.approvals
+        if approvals is None:  # pragma: no cover - the hook refuses ask without a store
+            raise PermanentTaskError("a tool needs approval and no approval store is set")
+        requests = []
+        with self.db.transaction():
+            for call, asked in waiting:
+                arguments = self.services.scrubber.scrub_value(
+                    _arguments_object(call["function"]["arguments"])
+                )
+                request, created = approvals.request(
+                    task_id=self.task_id,
+                    call_id=call["id"],
+                    agent=self.agent.id,
+                    session_key=self.session_key,
+                    capability=asked.capability,
+                    subject=self.services.scrubber.scrub(asked.subject),
+                    arguments=arguments,
+                    policy_version=asked.policy_version,
+                    timeout=asked.timeout,
+                )
+                requests.append(request)
+                if created:
+                    self.events.emit(
+                        "approval.required",
+                        approval_id=request.id,
+                        call_id=request.call_id,
+                        tool=call["function"]["name"],
+                        capability=request.capability,
+                        subject=request.subject,
+                        arguments=request.arguments,
+                        expires_at=request.expires_at,
+                    )
+            until = min(r.expires_at for r in requests)
+            self.events.emit(
+                "run.waiting",
+                approvals=[r.id for r in requests],
+                until=until,
+                **self.events.stats(),
+            )
+        ids = ", ".join(str(r.id) for r in requests)
+        raise TaskParked(f"waiting for approval {ids}", until=until)
 
     def _output(self, result: Any) -> str:
         """A tool's result as the model will read it, secrets redacted inside it first."""
@@ -499,6 +614,12 @@ def _canonical(arguments: Any) -> str:
 
 def _digest(content: str) -> str:
     return hashlib.sha256(content.encode()).hexdigest()[:16]
+
+
+def _arguments_object(arguments: Any) -> dict[str, Any]:
+    """The call's arguments as an object (they were validated before the policy ran)."""
+    value = json.loads(arguments) if isinstance(arguments, str) and arguments.strip() else arguments
+    return value if isinstance(value, dict) else {}
 
 
 def _tool_output(result: Any) -> str:

@@ -1,10 +1,12 @@
 """The ``agent`` task kind: what a worker process needs to run agent turns.
 
 One ``AgentRuntime`` per worker process holds what turns share: the agent
-catalog (hot-reloaded from config.yaml), the model router with its circuit
-breaker, the session store and the effect ledger. Each turn takes the
-catalog's current definition when it starts and keeps it to the end, so an
-edit never changes a running turn.
+catalog (hot-reloaded from config.yaml), the policy (hot-reloaded from
+policy.yaml) with the audit log and the approval store, the model router with
+its circuit breaker, the session store and the effect ledger. Each turn takes
+the catalog's current definition when it starts and keeps it to the end, so an
+edit never changes a running turn; the policy, on the other hand, is asked
+afresh at every decision, so a narrowing edit reaches running turns too.
 """
 
 from __future__ import annotations
@@ -12,20 +14,25 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Mapping
 from typing import Any
 
 from goclaw.agent.definitions import AgentCatalog, AgentDefinition, UnknownAgent
 from goclaw.agent.effects import EffectLedger
 from goclaw.agent.loop import AgentServices, AgentTurn
+from goclaw.agent.policy_hook import EnginePolicyHook
 from goclaw.agent.routing import ModelRouter
 from goclaw.agent.sessions import SessionStore
 from goclaw.agent.tools import BUILTIN_TOOLS
 from goclaw.agent.turns import AGENT_KIND, check_session_key
 from goclaw.app import App
+from goclaw.approvals import Approvals
+from goclaw.audit import AuditLog, audit_path
 from goclaw.config import HOSTED_MODEL_KEY_ENV, Config
 from goclaw.context import TaskContext
 from goclaw.errors import PermanentTaskError
+from goclaw.policy import RELOAD_CHECK_SECONDS, policy_path, watch_policy
 from goclaw.redact import Scrubber
 from goclaw.secrets import KEY_ENV, SecretStore
 from goclaw.store.database import Database
@@ -45,17 +52,37 @@ class AgentRuntime:
         env = os.environ if env is None else env
         db = app.broker.db
         stored = stored_secrets(db, env)
-        # Fails closed: a worker with an invalid agent config does not start.
+        # Fails closed: a worker with an invalid agent config or policy does not start.
         self.catalog = AgentCatalog.from_config(config, env, BUILTIN_TOOLS)
+        self.audit = AuditLog(db, audit_path(config.home))
+        self.policy = watch_policy(policy_path(config.home), self.audit)
+        approvals = Approvals(app.broker, self.audit)
+        hook = EnginePolicyHook(self.policy, self.audit, approvals)
         self.services = services or AgentServices(
             sessions=SessionStore(db),
             effects=EffectLedger(db),
             router=ModelRouter(env=provider_env(env, stored)),
             doorbell=app.broker.doorbell,
             scrubber=build_scrubber(config, env, stored),
+            policy_for=lambda agent: hook,
+            approvals=approvals,
         )
         self._slots: dict[tuple[str, int], threading.BoundedSemaphore] = {}
         self._slots_lock = threading.Lock()
+
+    def watch_policy_file(self) -> None:
+        """Check policy.yaml twice a second even when no tool runs, so that a bad edit
+        is logged and audited when it is made, not at the next tool call."""
+
+        def loop() -> None:
+            while True:
+                time.sleep(RELOAD_CHECK_SECONDS)
+                try:
+                    self.policy.current()
+                except Exception:  # pragma: no cover - current() handles its own errors
+                    log.exception("policy check failed")
+
+        threading.Thread(target=loop, name="policy-watch", daemon=True).start()
 
     def warm_up(self) -> None:
         """Import LiteLLM in the background, so the first turn does not wait seconds for it."""

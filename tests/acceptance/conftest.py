@@ -27,6 +27,7 @@ from goclaw.broker import Broker
 from goclaw.config import load_config
 from goclaw.doorbell import socket_dir_for
 from goclaw.worker import open_broker
+from tests.policy_support import write_policy
 
 FAST_ENV = {
     "GOCLAW_BROKER__LEASE_SECONDS": "1.5",
@@ -94,6 +95,7 @@ class Stack:
     def __init__(self, tmp_path: Path, database_url: str, env: dict[str, str]) -> None:
         self.home = tmp_path / "home"
         self.home.mkdir(parents=True)
+        write_policy(self.home)
         self.env = {
             **os.environ,
             **FAST_ENV,

@@ -21,15 +21,19 @@ import yaml
 from goclaw.agent.definitions import build_catalog
 from goclaw.agent.effects import EffectLedger
 from goclaw.agent.loop import AgentServices, AgentTurn
+from goclaw.agent.policy_hook import EnginePolicyHook
 from goclaw.agent.routing import ModelRouter
 from goclaw.agent.sessions import SessionStore
 from goclaw.agent.tools import BUILTIN_TOOLS
 from goclaw.agent.turns import submit_turn
+from goclaw.approvals import Approvals
+from goclaw.audit import AuditLog, audit_path
 from goclaw.broker import Broker, Outcome
 from goclaw.config import load_config
 from goclaw.context import TaskContext
-from goclaw.errors import PermanentTaskError
+from goclaw.errors import PermanentTaskError, TaskParked
 from goclaw.fake_llm import FakeLLM, Script
+from goclaw.policy import PolicyWatcher, watch_policy
 from goclaw.records import TaskEvent
 
 
@@ -121,11 +125,26 @@ class AgentHarness:
         except PermanentTaskError as exc:
             error = exc
             self.broker.report(claim, Outcome.permanent(str(exc), exc.code))
+        except TaskParked as exc:
+            error = exc
+            self.broker.report(claim, Outcome.parked(str(exc), exc.until))
         except Exception as exc:
             error = exc
             self.broker.report(claim, Outcome.error_from(exc))
         events = self.broker.events(claim.task_id)
         return Turn(claim.task_id, session, result, error, events)
+
+    def use_policy(self, text: str) -> PolicyWatcher:
+        """Run tools under the real engine: ``text`` as policy.yaml, audited, with approvals."""
+        path = self.home / "policy.yaml"
+        path.write_text(text)
+        self.audit = AuditLog(self.broker.db, audit_path(self.home))
+        self.policy = watch_policy(path, self.audit)
+        self.approvals = Approvals(self.broker, self.audit)
+        hook = EnginePolicyHook(self.policy, self.audit, self.approvals)
+        self.services.policy_for = lambda agent: hook
+        self.services.approvals = self.approvals
+        return self.policy
 
     def requests(self) -> list[dict[str, Any]]:
         return self.fake.requests

@@ -14,6 +14,7 @@ from aiohttp import web
 
 from goclaw.agent.tools import (
     BUILTIN_TOOLS,
+    AllowListedTools,
     ToolError,
     invoke,
     parse_arguments,
@@ -282,8 +283,9 @@ def test_the_time_cap_is_for_the_whole_fetch_not_each_read(tmp_path, server):
 
 
 def test_redirects_are_followed_and_each_hop_is_checked(tmp_path, server):
-    class Recorder:
+    class Recorder(AllowListedTools):
         def __init__(self):
+            super().__init__(["web_fetch"])
             self.seen = []
 
         def check(self, ctx, capability, subject):
@@ -299,14 +301,14 @@ def test_redirects_are_followed_and_each_hop_is_checked(tmp_path, server):
 
 
 def test_a_refused_hop_stops_the_fetch(tmp_path, server):
-    class DenyLanding:
+    class DenyLanding(AllowListedTools):
         def check(self, ctx, capability, subject):
             if subject.endswith("/redirect/0"):
                 raise ToolError("policy_denied", f"{subject}: not allowed")
 
     error = failure(
         fetch,
-        make_ctx(tmp_path, policy=DenyLanding(), allowed_networks=LOOPBACK),
+        make_ctx(tmp_path, policy=DenyLanding(["web_fetch"]), allowed_networks=LOOPBACK),
         f"{server}/redirect/2",
     )
     assert error.code == "policy_denied"

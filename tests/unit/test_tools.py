@@ -249,7 +249,7 @@ def test_a_crashing_hook_refuses_the_call(ctx):
 
     ctx = make_ctx(ctx.workspace, policy=Broken())
     error = refused("tool_crashed", WRITE_FILE, ctx, path="a.txt", content="x")
-    assert error.message == "KeyError: 'rules'"
+    assert error.message == "policy check: KeyError: 'rules'"
     assert not (ctx.workspace / "a.txt").exists()
 
 

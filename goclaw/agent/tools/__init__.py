@@ -12,11 +12,14 @@ from collections.abc import Iterable
 
 from goclaw.agent.tools.base import (
     AllowListedTools,
+    ApprovalRequired,
     PolicyHook,
     Tool,
     ToolContext,
     ToolError,
     ToolLimits,
+    authorize,
+    execute,
     invoke,
     parse_arguments,
 )
@@ -27,11 +30,14 @@ from goclaw.agent.tools.web import WEB_FETCH
 __all__ = [
     "BUILTIN_TOOLS",
     "AllowListedTools",
+    "ApprovalRequired",
     "PolicyHook",
     "Tool",
     "ToolContext",
     "ToolError",
     "ToolLimits",
+    "authorize",
+    "execute",
     "get_tool",
     "invoke",
     "parse_arguments",

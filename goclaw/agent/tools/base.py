@@ -57,22 +57,45 @@ class ToolLimits:
                 raise ValueError(f"ToolLimits.{field.name} must be positive")
 
 
-class PolicyHook(Protocol):
-    def check(self, ctx: ToolContext, capability: str, subject: str) -> None:
-        """Raise ToolError('policy_denied', why) to refuse.
+class ApprovalRequired(Exception):
+    """The policy says ``ask`` and no human has answered for this call yet.
 
-        The real default-deny policy engine plugs in here later; tools ask this
-        hook and nothing else, so swapping it changes every decision at once.
-        """
+    Not a ``ToolError``: the model is not told anything. The agent loop turns it
+    into a durable approval request and parks the task (``goclaw/approvals.py``).
+    """
+
+    def __init__(self, capability: str, subject: str, policy_version: str, timeout: float):
+        super().__init__(f"{capability} {subject!r} needs a human's approval")
+        self.capability = capability
+        self.subject = subject
+        self.policy_version = policy_version
+        self.timeout = timeout
+
+
+class PolicyHook(Protocol):
+    """What tools ask before they act. The agent layer's ``EnginePolicyHook`` is the
+    real one (``policy.yaml``); ``AllowListedTools`` stands in where there is none."""
+
+    def check(self, ctx: ToolContext, capability: str, subject: str) -> None:
+        """Raise ToolError('policy_denied', why) to refuse, ApprovalRequired to ask."""
+
+    def allowed_networks(self, ctx: ToolContext) -> tuple[Any, ...]:
+        """Non-public networks outbound requests may reach for this context."""
+
+    def version(self) -> str | None:
+        """The policy version decisions are made under now (None: no policy file)."""
+
+    def refused(self, ctx: ToolContext, capability: str, subject: str, reason: str) -> None:
+        """Record a refusal made past the policy (the SSRF guard) where decisions are kept."""
 
 
 class AllowListedTools:
-    """The default policy: a tool may run iff it is listed for the agent.
+    """A stand-in policy for tests and embedding: a tool may run iff it is listed.
 
     It judges ``tools.<name>`` capabilities only. Finer ones that a tool asks
     for while it runs (``net.http`` for every hop of ``web_fetch``) pass: being
-    allowed the tool is being allowed what it does, until the policy engine
-    arrives and judges them itself.
+    allowed the tool is being allowed what it does. Workers use the policy
+    engine (``policy.yaml``) instead.
     """
 
     def __init__(self, allowed: Iterable[str]) -> None:
@@ -82,6 +105,15 @@ class AllowListedTools:
         kind, _, name = capability.partition(".")
         if kind == "tools" and name not in self.allowed:
             raise ToolError("policy_denied", f"agent {ctx.agent_id!r} may not use tool {name!r}")
+
+    def allowed_networks(self, ctx: ToolContext) -> tuple[Any, ...]:
+        return ctx.allowed_networks
+
+    def version(self) -> str | None:
+        return None
+
+    def refused(self, ctx: ToolContext, capability: str, subject: str, reason: str) -> None:
+        return None
 
     def __repr__(self) -> str:
         return f"AllowListedTools({sorted(self.allowed)!r})"
@@ -101,9 +133,12 @@ class ToolContext:
     #: How outbound tools resolve host names (``socket.getaddrinfo``'s signature); None for
     #: the real one. Tests inject one to play DNS, rebinding included.
     resolver: Callable[..., Any] | None = None
+    #: For ``AllowListedTools`` only (the policy engine reads ``networks`` from the policy):
     #: ``ipaddress`` networks the SSRF guard lets outbound requests reach although they are
     #: not public (loopback, private, link-local...); empty: only public addresses.
     allowed_networks: tuple[Any, ...] = ()
+    #: The model's id for the tool call being run ("" outside one): approvals key on it.
+    call_id: str = ""
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -200,16 +235,31 @@ def _describe(error: jsonschema.ValidationError) -> str:
     return f"{where}: {message}" if where else message
 
 
-def invoke(tool: Tool, ctx: ToolContext, arguments: dict[str, Any]) -> Any:
-    """Ask the policy, then run the tool; whatever goes wrong comes back as a ToolError.
+def authorize(tool: Tool, ctx: ToolContext, arguments: dict[str, Any]) -> None:
+    """Ask the policy whether this call may run: ToolError refuses, ApprovalRequired waits.
 
-    A policy hook that itself crashes refuses the call (``tool_crashed``) rather
-    than letting it through.
+    A policy hook that itself crashes refuses the call (``tool_crashed``)
+    rather than letting it through.
     """
     try:
         ctx.policy.check(ctx, tool.capability, tool.subject(arguments))
+    except (ToolError, ApprovalRequired):
+        raise
+    except Exception as exc:
+        raise ToolError("tool_crashed", f"policy check: {type(exc).__name__}: {exc}") from exc
+
+
+def execute(tool: Tool, ctx: ToolContext, arguments: dict[str, Any]) -> Any:
+    """Run an authorised call; whatever goes wrong comes back as a ToolError."""
+    try:
         return tool.run(ctx, arguments)
-    except ToolError:
+    except (ToolError, ApprovalRequired):
         raise
     except Exception as exc:
         raise ToolError("tool_crashed", f"{type(exc).__name__}: {exc}") from exc
+
+
+def invoke(tool: Tool, ctx: ToolContext, arguments: dict[str, Any]) -> Any:
+    """``authorize`` then ``execute``: the whole of one tool call."""
+    authorize(tool, ctx, arguments)
+    return execute(tool, ctx, arguments)

@@ -25,8 +25,12 @@ from goclaw.agent.tools.base import Tool, ToolContext, ToolError
 _NEW_FILE_MODE = 0o644
 
 
-def confine(ctx: ToolContext, path: str) -> tuple[Path, str]:
-    """The resolved path, and how to show it to the model (relative to the workspace)."""
+def confine(ctx: ToolContext, path: str, capability: str) -> tuple[Path, str]:
+    """The resolved path, and how to show it to the model (relative to the workspace).
+
+    The policy judged the path as written; this judges where it really leads
+    (symlinks resolved). A refusal here is recorded with the policy's decisions.
+    """
     if "\x00" in path:
         raise ToolError("invalid_arguments", "path: contains a NUL byte")
     root = ctx.workspace.resolve()
@@ -35,8 +39,13 @@ def confine(ctx: ToolContext, path: str) -> tuple[Path, str]:
     except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop
         raise ToolError("not_found", f"{path}: cannot be resolved ({exc})") from exc
     if not target.is_relative_to(root):
-        raise ToolError("path_outside_workspace", f"{path}: resolves outside the workspace")
+        raise _outside(ctx, capability, path, f"{path}: resolves outside the workspace")
     return target, target.relative_to(root).as_posix()
+
+
+def _outside(ctx: ToolContext, capability: str, path: str, message: str) -> ToolError:
+    ctx.policy.refused(ctx, capability, path, f"path_outside_workspace: {message}")
+    return ToolError("path_outside_workspace", message)
 
 
 def read_file(ctx: ToolContext, path: str) -> dict[str, Any]:
@@ -45,7 +54,7 @@ def read_file(ctx: ToolContext, path: str) -> dict[str, Any]:
     A cut file read as if whole is a worse failure for a model than a refusal
     it can act on, and the result keeps one shape.
     """
-    target, shown = confine(ctx, path)
+    target, shown = confine(ctx, path, "tools.read_file")
     limit = ctx.limits.read_max_bytes
     flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # NONBLOCK: a FIFO
     try:
@@ -56,7 +65,7 @@ def read_file(ctx: ToolContext, path: str) -> dict[str, Any]:
         raise ToolError("not_found", f"{shown}: a parent is not a directory") from exc
     except OSError as exc:
         if _is_symlink(target):  # swapped for a symlink after the check
-            raise ToolError("path_outside_workspace", f"{shown}: is now a symlink") from exc
+            raise _outside(ctx, "tools.read_file", path, f"{shown}: is now a symlink") from exc
         raise
     try:
         info = os.fstat(fd)
@@ -88,7 +97,7 @@ def write_file(ctx: ToolContext, path: str, content: str) -> dict[str, Any]:
     limit = ctx.limits.write_max_bytes
     if len(data) > limit:
         raise ToolError("too_large", f"content: {len(data)} bytes, the limit is {limit}")
-    target, shown = confine(ctx, path)
+    target, shown = confine(ctx, path, "tools.write_file")
     if target.is_dir():
         raise ToolError("is_a_directory", f"{shown}: is a directory")
     try:
@@ -116,7 +125,7 @@ def write_file(ctx: ToolContext, path: str, content: str) -> dict[str, Any]:
 
 def list_dir(ctx: ToolContext, path: str = ".") -> dict[str, Any]:
     """The first ``list_max_entries`` entries by name, without reading a huge directory whole."""
-    target, shown = confine(ctx, path)
+    target, shown = confine(ctx, path, "tools.list_dir")
     limit = ctx.limits.list_max_entries
     try:
         with os.scandir(target) as scan:

@@ -79,12 +79,16 @@ def _check_outbound(ctx: ToolContext, url: str, parts: urllib.parse.SplitResult)
     """
     ctx.policy.check(ctx, "net.http", url)
     assert parts.hostname is not None  # _parse saw to it
-    return resolve_and_check(
-        parts.hostname,
-        _port(parts),
-        resolver=ctx.resolver,
-        allowed_networks=ctx.allowed_networks,
-    )
+    try:
+        return resolve_and_check(
+            parts.hostname,
+            _port(parts),
+            resolver=ctx.resolver,
+            allowed_networks=ctx.policy.allowed_networks(ctx),
+        )
+    except ToolError as exc:
+        ctx.policy.refused(ctx, "net.http", url, f"{exc.code}: {exc.message}")
+        raise
 
 
 def _port(parts: urllib.parse.SplitResult) -> int:
