@@ -52,6 +52,9 @@ IMPLICIT_TOOLS = ("read_file", "write_file", "list_dir")
 IMPLICIT_SYSTEM_PROMPT = "You are a helpful assistant."
 #: SmolLM2-135M drifts into French and rambles unless told this (measured).
 LOCAL_SYSTEM_PROMPT = "You are a helpful assistant. Answer in one short English sentence."
+#: What an agent does with external content that looks like a prompt injection
+#: (``goclaw.agent.untrusted`` imports this tuple, so there is one list).
+INJECTION_GUARD_ACTIONS = ("log", "warn", "block")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,6 +233,9 @@ class AgentSettings:
     #: None leaves the provider's default.
     temperature: float | None = None
     max_output_tokens: int | None = None
+    #: External content (``web_fetch``) that looks like a prompt injection is only logged
+    #: (``log``), marked for the model (``warn``), or withheld from it (``block``).
+    injection_guard: str = "warn"
 
     def validate(self, key: str) -> None:
         """``key`` is ``agents.<id>``: an agent's errors must say which agent."""
@@ -273,6 +279,11 @@ class AgentSettings:
             )
         if self.max_output_tokens is not None:
             _at_least(f"{key}.max_output_tokens", self.max_output_tokens, 1)
+        if self.injection_guard not in INJECTION_GUARD_ACTIONS:
+            raise ConfigError(
+                f"{key}.injection_guard: must be one of {', '.join(INJECTION_GUARD_ACTIONS)}, "
+                f"got {self.injection_guard!r}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)

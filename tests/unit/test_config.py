@@ -430,3 +430,43 @@ def test_example_agents_and_models_load_and_document_every_key(tmp_path):
         for field in dataclasses.fields(cls):
             assert f"#     {field.name}:" in text, field.name
     assert "GOCLAW_AGENTS__DEFAULT__MODEL" in text
+
+
+# Injection guard ---------------------------------------------------------------------------
+
+
+def test_injection_guard_defaults_to_warn_even_for_the_implicit_agent(tmp_path):
+    assert load_config(tmp_path, env={}).agents["default"].injection_guard == "warn"
+    write(tmp_path, AGENT)
+    assert load_config(tmp_path, env={}).agents["default"].injection_guard == "warn"
+
+
+@pytest.mark.parametrize("action", ["log", "warn", "block"])
+def test_injection_guard_from_file_and_environment(tmp_path, action):
+    write(tmp_path, AGENT + f"    injection_guard: {action}\n")
+    assert load_config(tmp_path, env={}).agents["default"].injection_guard == action
+    write(tmp_path, AGENT)
+    env = {"GOCLAW_AGENTS__DEFAULT__INJECTION_GUARD": action}
+    assert load_config(tmp_path, env=env).agents["default"].injection_guard == action
+
+
+@pytest.mark.parametrize(
+    ("value", "env", "message"),
+    [
+        (
+            "ignore",
+            {},
+            "agents.default.injection_guard: must be one of log, warn, block, got 'ignore'",
+        ),
+        ("Block", {}, "got 'Block'"),
+        ('""', {}, "got ''"),
+        ("[warn]", {}, "agents.default.injection_guard: expected str"),
+        ("warn", {"GOCLAW_AGENTS__DEFAULT__INJECTION_GUARD": "deny"}, "got 'deny'"),
+    ],
+)
+def test_invalid_injection_guard_names_the_key(tmp_path, value, env, message):
+    import re
+
+    write(tmp_path, AGENT + f"    injection_guard: {value}\n")
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(tmp_path, env=env)
