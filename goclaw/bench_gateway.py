@@ -137,6 +137,9 @@ def _run(
             }
         )
     )
+    # Clients may read and submit, as `goclaw init`'s policy lets them; each request is
+    # judged and audited, so the figures include that.
+    (home / "policy.yaml").write_text("version: 1\nallow: [acp.read, acp.mutate]\n")
     token = secrets.token_urlsafe(32)
     fd = os.open(home / "auth.token", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as fh:

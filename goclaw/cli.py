@@ -131,6 +131,8 @@ allow:
   - tools.read_file
   - tools.write_file
   - tools.list_dir
+  - acp.read          # gateway clients may read (tasks, sessions, events)
+  - acp.mutate        # and submit work, abort it, answer approvals
 # Hosts net.http may reach: exact.host, or .suffix.host for its subdomains.
 domains: []
 # Where the file tools may go: relative entries are under the agent's workspace.
@@ -138,6 +140,11 @@ paths:
   - .
 # Non-public networks (CIDR) outbound requests may reach; none by default.
 networks: []
+# Per tool: allowlist (the lists above decide), ask (a human must also approve:
+# goclaw approvals list|approve|deny) or deny. An unanswered request is denied.
+approvals:
+  write_file: ask
+approval_timeout: 10m
 # Per-agent sections narrow the lists above for one agent, e.g.
 # agents:
 #   reader:
@@ -967,9 +974,9 @@ def audit_resync(obj: Context, as_json: bool) -> None:
 
 
 def _audit_log(obj: Context) -> Any:
-    from goclaw.audit import AuditLog
+    from goclaw.audit import AuditLog, audit_path
 
-    return AuditLog(obj.broker.db, Path(obj.config.home) / "logs" / "audit.jsonl")
+    return AuditLog(obj.broker.db, audit_path(obj.config.home))
 
 
 def _audit_since(text: str | None) -> float | None:
@@ -981,6 +988,134 @@ def _audit_since(text: str | None) -> float | None:
         return parse_since(text)
     except ValueError:
         return time.time() - parse_duration(text)
+
+
+@main.group()
+def approvals() -> None:
+    """Tool calls waiting for a human (policy mode ``ask``), and allow-always rules."""
+
+
+def _approvals(obj: Context) -> Any:
+    from goclaw.approvals import Approvals
+
+    return Approvals(obj.broker, _audit_log(obj))
+
+
+def _who() -> str:
+    import getpass
+
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):
+        return f"cli:uid{os.getuid()}"
+
+
+@approvals.command("list")
+@click.option(
+    "--state",
+    type=click.Choice(["pending", "approved", "denied", "expired", "all"]),
+    default="pending",
+    show_default=True,
+)
+@click.option("--limit", "-n", type=click.IntRange(min=1), default=50, show_default=True)
+@json_option
+@click.pass_obj
+@command
+def approvals_list(obj: Context, state: str, limit: int, as_json: bool) -> None:
+    """Approval requests, newest first (pending ones by default)."""
+    found = _approvals(obj).list(state=None if state == "all" else state, limit=limit)
+    if as_json:
+        emit_json([a.as_json() for a in found])
+        return
+    if not found:
+        click.echo(f"no {'' if state == 'all' else state + ' '}approval requests")
+        return
+    now = time.time()
+    for a in found:
+        left = f"  expires in {a.expires_at - now:.0f}s" if a.state_at(now) == "pending" else ""
+        click.echo(
+            f"{a.id:>5}  {a.state_at(now):<8}  {a.agent}  task {a.task_id}  {a.capability}  "
+            f"{a.subject!r}{left}"
+        )
+
+
+def _respond(obj: Context, approval_id: int, approve: bool, scope: str, note: str, as_json: bool):
+    from goclaw.approvals import ApprovalError
+
+    try:
+        answered = _approvals(obj).respond(
+            approval_id, approve=approve, scope=scope, note=note, by=_who()
+        )
+    except ApprovalError as exc:
+        raise GoclawError(str(exc)) from None
+    if as_json:
+        emit_json(answered.as_json())
+    else:
+        how = f" ({answered.scope})" if approve else ""
+        click.echo(
+            f"approval {answered.id}: {answered.state}{how}; task {answered.task_id} resumes"
+        )
+
+
+@approvals.command("approve")
+@click.argument("approval_id", type=int)
+@click.option("--always", is_flag=True, help="Also allow this agent this exact call from now on.")
+@click.option("--note", default="", help="Recorded with the answer in the audit log.")
+@json_option
+@click.pass_obj
+@command
+def approvals_approve(obj: Context, approval_id: int, always: bool, note: str, as_json: bool):
+    """Let a waiting tool call run (once, or --always)."""
+    _respond(obj, approval_id, True, "always" if always else "once", note, as_json)
+
+
+@approvals.command("deny")
+@click.argument("approval_id", type=int)
+@click.option("--note", default="", help="Told to the model and recorded in the audit log.")
+@json_option
+@click.pass_obj
+@command
+def approvals_deny(obj: Context, approval_id: int, note: str, as_json: bool) -> None:
+    """Refuse a waiting tool call; the model is told it was denied."""
+    _respond(obj, approval_id, False, "once", note, as_json)
+
+
+@approvals.command("rules")
+@json_option
+@click.pass_obj
+@command
+def approvals_rules(obj: Context, as_json: bool) -> None:
+    """Allow-always rules: (agent, capability, subject) that need no human any more."""
+    rules = _approvals(obj).rules()
+    if as_json:
+        emit_json([r.as_json() for r in rules])
+        return
+    if not rules:
+        click.echo("no allow-always rules")
+    for r in rules:
+        click.echo(
+            f"{r.id:>5}  {r.agent}  {r.capability}  {r.subject!r}  by {r.created_by} "
+            f"at {iso(r.created_at)}"
+        )
+
+
+@approvals.command("revoke")
+@click.argument("rule_id", type=int)
+@json_option
+@click.pass_obj
+@command
+def approvals_revoke(obj: Context, rule_id: int, as_json: bool) -> None:
+    """Delete an allow-always rule: its calls need a human again."""
+    from goclaw.approvals import ApprovalError
+
+    try:
+        rule = _approvals(obj).revoke_rule(rule_id, by=_who())
+    except ApprovalError as exc:
+        raise GoclawError(str(exc)) from None
+    if as_json:
+        emit_json(rule.as_json())
+    else:
+        click.echo(f"revoked rule {rule.id}: {rule.agent} {rule.capability} {rule.subject!r}")
 
 
 @main.group()
@@ -1222,6 +1357,25 @@ def bench_agent(turns: int, warmup: int, workdir: str | None, as_json: bool) -> 
 
     result = run_agent_bench(
         turns=turns,
+        warmup=warmup,
+        workdir=workdir,
+        progress=None if as_json else print_progress,
+    )
+    print_measures(result, as_json)
+
+
+@bench.command("policy")
+@click.option("--calls", type=click.IntRange(min=1), default=2000, show_default=True)
+@click.option("--warmup", type=click.IntRange(min=0), default=100, show_default=True)
+@click.option("--workdir", type=click.Path(file_okay=False), help="[default: a temp dir]")
+@json_option
+@command
+def bench_policy(calls: int, warmup: int, workdir: str | None, as_json: bool) -> None:
+    """Per tool call: a policy check, and a check plus its durable audit write, vs no check."""
+    from goclaw.bench_policy import run_policy_bench
+
+    result = run_policy_bench(
+        calls=calls,
         warmup=warmup,
         workdir=workdir,
         progress=None if as_json else print_progress,

@@ -23,8 +23,11 @@ from goclaw import event_log
 from goclaw.agent.definitions import AgentDefinition, UnknownAgent
 from goclaw.agent.sessions import SessionStore
 from goclaw.agent.turns import agent_load, check_session_key
+from goclaw.approvals import PENDING, ApprovalError
+from goclaw.approvals import SCOPES as APPROVAL_SCOPES
+from goclaw.approvals import STATES as APPROVAL_STATES
 from goclaw.config import DEFAULT_AGENT_ID
-from goclaw.gateway import jsonrpc
+from goclaw.gateway import access, jsonrpc
 from goclaw.gateway.chat import queue_turn
 from goclaw.gateway.jsonrpc import Message, RpcError, invalid_params
 from goclaw.states import TaskState
@@ -66,6 +69,11 @@ async def dispatch(conn: Connection, message: Message) -> Any:
         raise RpcError(
             jsonrpc.HELLO_REQUIRED, f"{message.method} changes state: call system.hello first"
         )
+    capability = access.MUTATE if spec.mutating else access.READ
+    try:
+        await access.authorize(conn.state, capability, message.method, conn.keys[1])
+    except access.AccessDenied as exc:
+        raise RpcError(jsonrpc.POLICY_DENIED, str(exc), {"capability": capability}) from None
     return await spec.fn(conn, message.params)
 
 
@@ -349,3 +357,55 @@ async def events_unsubscribe(conn: Connection, params: dict[str, Any]) -> dict[s
         )
     conn.close_subscription(sub)
     return {"subscription": sub_id, "last_event_id": sub.position}
+
+
+# -- approvals ------------------------------------------------------------------------
+
+
+@method("approval.list")
+async def approval_list(conn: Connection, params: dict[str, Any]) -> dict[str, Any]:
+    """Requests (pending by default) and the allow-always rules in force."""
+    p = Params(params)
+    state = p.get("state", str, PENDING)
+    limit = p.count("limit", 100, low=1)
+    p.done()
+    if state != "all" and state not in APPROVAL_STATES:
+        raise invalid_params(f"state must be all or one of {', '.join(APPROVAL_STATES)}")
+    approvals = conn.state.approvals
+
+    def read() -> dict[str, Any]:
+        listed = approvals.list(state=None if state == "all" else state, limit=limit)
+        return {
+            "approvals": [a.as_json() for a in listed],
+            "rules": [r.as_json() for r in approvals.rules()],
+        }
+
+    return await conn.state.db(read)
+
+
+@method("approval.respond", mutating=True)
+async def approval_respond(conn: Connection, params: dict[str, Any]) -> dict[str, Any]:
+    """Approve or deny a pending request; the parked run resumes at once either way."""
+    p = Params(params)
+    approval_id = p.id("approval_id")
+    decision = p.required("decision", str)
+    scope = p.get("scope", str, "once")
+    note = p.get("note", str, "")
+    p.done()
+    if decision not in ("approve", "deny"):
+        raise invalid_params("decision must be approve or deny")
+    if scope not in APPROVAL_SCOPES:
+        raise invalid_params(f"scope must be one of {', '.join(APPROVAL_SCOPES)}")
+    try:
+        answered = await conn.state.db(
+            conn.state.approvals.respond,
+            approval_id,
+            approve=decision == "approve",
+            scope=scope,
+            note=note[:500],
+            by=f"acp:{conn.keys[1]}",
+        )
+    except ApprovalError as exc:
+        code = jsonrpc.NOT_FOUND if exc.code == "not_found" else jsonrpc.CONFLICT
+        raise RpcError(code, str(exc), {"what": "approval"}) from None
+    return answered.as_json()

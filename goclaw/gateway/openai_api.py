@@ -34,9 +34,9 @@ from goclaw.agent.sessions import SessionStore, Usage
 from goclaw.agent.turns import check_session_key
 from goclaw.config import DEFAULT_AGENT_ID
 from goclaw.errors import IllegalTransition
-from goclaw.gateway import client_json
+from goclaw.gateway import access, client_json
 from goclaw.gateway.chat import QueueSaturated, queue_turn
-from goclaw.gateway.limits import retry_after_header
+from goclaw.gateway.limits import client_keys, retry_after_header
 from goclaw.gateway.pump import Encoded, Subscription
 from goclaw.gateway.responses import openai_error
 from goclaw.gateway.state import STATE, GatewayState
@@ -61,7 +61,23 @@ class BadRequest(Exception):
         self.code = code
 
 
+async def _denied(request: web.Request, capability: str) -> web.Response | None:
+    """The policy's no to this route as OpenAI's 403 (None: allowed, and audited)."""
+    try:
+        await access.authorize(
+            request.app[STATE],
+            capability,
+            f"{request.method} {request.path}",
+            client_keys(request)[1],
+        )
+    except access.AccessDenied as exc:
+        return openai_error(403, str(exc), "permission_error", code="policy_denied")
+    return None
+
+
 async def list_models(request: web.Request) -> web.Response:
+    if (denied := await _denied(request, access.READ)) is not None:
+        return denied
     catalog = request.app[STATE].agents.current()
     return web.json_response(
         {
@@ -81,6 +97,8 @@ async def list_models(request: web.Request) -> web.Response:
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
+    if (denied := await _denied(request, access.MUTATE)) is not None:
+        return denied
     try:
         body = await _read_body(request, state)
         agent_id, prompt, session, stream = _parse(body, request)

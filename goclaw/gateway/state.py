@@ -18,11 +18,14 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from goclaw.agent.definitions import AgentCatalog
+from goclaw.approvals import Approvals
+from goclaw.audit import AuditLog, audit_path
 from goclaw.broker import Broker
 from goclaw.config import Config
 from goclaw.gateway.limits import RateLimiter
 from goclaw.gateway.metrics import GatewayMetrics
 from goclaw.gateway.pump import EventPump
+from goclaw.policy import policy_path, watch_policy
 
 T = TypeVar("T")
 
@@ -33,6 +36,10 @@ class GatewayState:
         self.settings = config.gateway
         self.broker = broker
         self.agents = agents
+        self.audit = AuditLog(broker.db, audit_path(config.home))
+        #: Raises PolicyError for an invalid policy.yaml: the gateway does not start.
+        self.policy = watch_policy(policy_path(config.home), self.audit)
+        self.approvals = Approvals(broker, self.audit)
         self.metrics = GatewayMetrics()
         self.limiter = RateLimiter(
             self.settings.rate_limit_per_second, self.settings.rate_limit_burst
