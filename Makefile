@@ -44,6 +44,7 @@ test: lint
 bench: $(STAMP)
 	$(BIN)/goclaw bench queue --tasks 2000 --workers 2
 	$(BIN)/goclaw bench agent --turns 100
+	$(BIN)/goclaw bench policy --calls 2000
 	$(BIN)/goclaw bench gateway
 
 clean:
