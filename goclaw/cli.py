@@ -704,10 +704,12 @@ def up(
     import threading
 
     from goclaw.gateway.auth import read_token
+    from goclaw.policy import load_policy, policy_path
     from goclaw.supervisor import Backoff, Supervisor, stack_specs
 
     config = obj.config
     read_token(config.home)  # the gateway would refuse to start: say so before anything starts
+    load_policy(policy_path(config.home))  # so would every child, and over and over
     host = host or config.gateway.host
     port = config.gateway.port if port is None else port
     _require_free_port(host, port)

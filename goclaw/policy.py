@@ -219,6 +219,8 @@ class Policy:
 
         if _capability_problem(capability, None) is not None:
             return verdict(False, f"unknown capability {capability!r}")
+        if self.missing:
+            return verdict(False, f"no policy file at {self.source}: everything is denied")
         if not _grants(rules.allow, capability):
             return verdict(False, f"{capability} is not allowed for {who} ({self.source})")
         if capability == HTTP_CAPABILITY:

@@ -249,7 +249,7 @@ def test_tool_errors_reach_the_model_and_the_turn_goes_on(make_stack, fake):
     assert [json.loads(m["content"])["error"] for m in results] == [
         "invalid_arguments",
         "unknown_tool",
-        "path_outside_workspace",
+        "policy_denied",  # the policy's path allowlist, before the tool's own confinement
     ]
 
 

@@ -28,6 +28,10 @@ from tests.acceptance.conftest import AUTH_TOKEN, Stack, wait_for
 from tests.acp_client import AcpClient
 
 pytestmark = pytest.mark.slow
+#: For attacks the database plays no part in (the decision and its refusal happen in the
+#: worker): SQLite only. What must be durable (parked runs, approvals across restarts, the
+#: audit of a rejected reload) runs on both.
+sqlite_only = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 
 POLICY = """\
 version: 1
@@ -96,6 +100,7 @@ def serve(host: str, handler: type) -> tuple[_Server, int]:
     return server, server.server_address[1]
 
 
+@sqlite_only
 def test_every_attack_is_stopped_audited_and_the_worker_keeps_serving(make_stack, fake, tmp_path):
     hits: list[str] = []
 
@@ -160,6 +165,7 @@ def test_every_attack_is_stopped_audited_and_the_worker_keeps_serving(make_stack
     assert stack.cli_json("audit", "verify")["ok"] is True
 
 
+@sqlite_only
 def test_exec_without_the_capability_is_refused_and_audited(make_stack, fake):
     server, _ = fake
     server.script = Script.from_data({"replies": attack("exec", command="id")})
@@ -256,6 +262,7 @@ def test_an_approval_given_after_the_gateway_and_worker_restart_resumes_the_run(
     assert verdicts == ["ask", "approve", "allow"]
 
 
+@sqlite_only
 def test_the_cli_answers_approvals(make_stack, fake):
     server, _ = fake
     server.script = Script.from_data(
@@ -307,6 +314,7 @@ def test_garbage_policy_while_workers_run_keeps_the_old_one_and_is_audited(make_
     assert worker.alive()
 
 
+@sqlite_only
 def test_a_secret_echoed_by_a_tool_reaches_neither_the_model_nor_the_event_log(make_stack, fake):
     # Not shaped like a credential: only the configured value can give it away.
     secret = "correct-horse-battery-staple-42"

@@ -229,6 +229,15 @@ def test_no_auth_token_is_a_clear_error_and_starts_nothing(stack, start_up):
     assert stack.broker.live_workers() == []
 
 
+def test_an_invalid_policy_is_an_error_naming_the_line_and_starts_nothing(stack, start_up):
+    (stack.home / "policy.yaml").write_text("version: 1\nallow:\n  - tools.teleport\n")
+    up = start_up()
+    assert up.proc.wait(30) == 1
+    log = up.log()
+    assert "policy.yaml:3: allow[0]: unknown tool capability 'tools.teleport'" in log, log
+    assert up.all_pids() == set() and "started" not in log
+
+
 def test_a_taken_port_is_a_clear_error_and_starts_nothing(stack, start_up):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -45,7 +45,8 @@ def test_a_missing_file_denies_everything_and_says_so(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="goclaw.policy"):
         watcher = PolicyWatcher(tmp_path / "policy.yaml")
     assert watcher.current().missing
-    assert not watcher.current().decide("a", "acp.read").allowed
+    decision = watcher.current().decide("a", "acp.read")
+    assert not decision.allowed and decision.reason.startswith("no policy file at ")
     assert "every capability is denied" in caplog.text
 
 
