@@ -28,7 +28,15 @@ from pathlib import Path
 from typing import Any
 
 from goclaw.agent.policy_hook import EnginePolicyHook
-from goclaw.agent.tools import PolicyHook, Tool, ToolContext, ToolError, get_tool, invoke
+from goclaw.agent.tools import (
+    AllowListedTools,
+    PolicyHook,
+    Tool,
+    ToolContext,
+    ToolError,
+    get_tool,
+    invoke,
+)
 from goclaw.audit import AuditLog
 from goclaw.bench import BenchError, _nearest_rank, bench_workdir, probe_fsync
 from goclaw.policy import Policy, parse_policy
@@ -68,19 +76,13 @@ SMALL_TEXT = "A durable queue keeps every turn: leased, retried and recorded.\n"
 VARIANTS = ("unchecked", "checked", "audited")
 
 
-class AllowAll:
+class AllowAll(AllowListedTools):
     """Checks disabled: every capability passes and nothing is recorded."""
 
+    def __init__(self) -> None:
+        super().__init__(())
+
     def check(self, ctx: ToolContext, capability: str, subject: str) -> None:
-        return None
-
-    def allowed_networks(self, ctx: ToolContext) -> tuple[Any, ...]:
-        return ctx.allowed_networks
-
-    def version(self) -> str | None:
-        return None
-
-    def refused(self, ctx: ToolContext, capability: str, subject: str, reason: str) -> None:
         return None
 
 
