@@ -32,6 +32,7 @@ from goclaw.audit import AuditLog
 from goclaw.broker import Broker
 from goclaw.errors import GoclawError
 from goclaw.records import iso
+from goclaw.states import TERMINAL
 
 PENDING, APPROVED, DENIED, EXPIRED = "pending", "approved", "denied", "expired"
 STATES = (PENDING, APPROVED, DENIED, EXPIRED)
@@ -45,6 +46,7 @@ _APPROVAL_COLUMNS = (
     "policy_version, state, scope, created_at, expires_at, decided_at, decided_by, note"
 )
 _RULE_COLUMNS = "id, agent, capability, subject, created_at, created_by, approval_id"
+_TERMINAL_SQL = "(" + ", ".join(f"'{state}'" for state in sorted(TERMINAL)) + ")"
 
 
 class ApprovalError(GoclawError):
@@ -219,7 +221,12 @@ class Approvals:
         if state is None:
             where, params = "", ()
         elif state == PENDING:
-            where, params = "WHERE state = ? AND expires_at > ?", (PENDING, now)
+            # A canceled (or otherwise ended) task waits for nothing any more.
+            where = (
+                "WHERE state = ? AND expires_at > ? AND task_id IN "
+                f"(SELECT id FROM tasks WHERE state NOT IN {_TERMINAL_SQL})"
+            )
+            params = (PENDING, now)
         elif state == EXPIRED:
             where = "WHERE state = ? OR (state = ? AND expires_at <= ?)"
             params = (EXPIRED, PENDING, now)
@@ -260,6 +267,12 @@ class Approvals:
             state = current.state_at(now)
             if state != PENDING:
                 raise ApprovalError(f"approval {approval_id} is already {state}")
+            task = self.broker.get(current.task_id)
+            if task.state in TERMINAL:
+                raise ApprovalError(
+                    f"approval {approval_id}: task {task.id} is {task.state}, nothing waits "
+                    "for this answer"
+                )
             answer = APPROVED if approve else DENIED
             row = self.db.fetchone(
                 "UPDATE approvals SET state = ?, scope = ?, decided_at = ?, decided_by = ?, "

@@ -175,3 +175,17 @@ def test_an_answered_request_cannot_be_answered_again(broker, home):
         with pytest.raises(ApprovalError, match="does not exist") as missing:
             h.approvals.respond(10**6, approve=True, by="x")
         assert missing.value.code == "not_found"
+
+
+def test_a_canceled_task_leaves_the_pending_list_and_cannot_be_answered(broker, home):
+    replies = script({"tool_calls": [{"id": "w1", **WRITE}]}, {"content": "never"})
+    with agent_harness(broker, home, replies) as h:
+        h.use_policy(POLICY)
+        parked = h.turn("write it")
+        [request] = h.approvals.list()
+        broker.cancel(parked.task_id, reason="changed my mind")
+        assert h.approvals.list() == []
+        assert [a.id for a in h.approvals.list(state=None)] == [request.id]
+        with pytest.raises(ApprovalError, match="is CANCELED, nothing waits"):
+            h.approvals.respond(request.id, approve=True, by="late")
+    assert not (h.workspace / "out.txt").exists()
