@@ -169,6 +169,14 @@ def follow_turn(
             )
         elif event.type == "run.failed" and data.get("will_retry"):
             on_note(f"attempt failed ({data.get('reason')}); it will be retried")
+        elif event.type == "approval.required":
+            approval = data.get("approval_id")
+            on_note(
+                f"{data.get('tool')} {data.get('subject')!r} waits for approval {approval}: "
+                f"goclaw approvals approve {approval}  (or deny {approval})"
+            )
+        elif event.type == "guard.flagged":
+            on_note(f"{data.get('name')}: injection patterns {data.get('patterns')}")
     task = broker.get(task_id)
     result = json.loads(task.result) if task.result else None
     result = result if isinstance(result, dict) else None

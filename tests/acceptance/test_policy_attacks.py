@@ -12,6 +12,8 @@ import asyncio
 import http.server
 import json
 import os
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -270,16 +272,30 @@ def test_the_cli_answers_approvals(make_stack, fake):
     )
     stack, _ = policy_stack(make_stack, fake)
     stack.worker()
-    submitted, _ = submit_turn(stack.broker, agent="default", prompt="say hi")
-    [pending] = wait_for(
-        lambda: stack.cli_json("approvals", "list"), timeout=30, what="a pending approval"
+    # The user who submitted and waits is told what to run.
+    waiting = subprocess.Popen(
+        [sys.executable, "-m", "goclaw.cli", "submit", "say hi", "--wait", "--timeout", "60"],
+        env=stack.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
-    assert pending["task_id"] == submitted.task_id and pending["capability"] == "tools.exec"
-    denied = stack.cli_json("approvals", "deny", str(pending["id"]), "--note", "no shell")
-    assert denied["state"] == "denied" and denied["decided_by"].startswith("cli:")
-    task = stack.wait_terminal([submitted.task_id], timeout=30)[submitted.task_id]
+    try:
+        [pending] = wait_for(
+            lambda: stack.cli_json("approvals", "list"), timeout=30, what="a pending approval"
+        )
+        assert pending["capability"] == "tools.exec" and pending["subject"] == "echo hi"
+        denied = stack.cli_json("approvals", "deny", str(pending["id"]), "--note", "no shell")
+        assert denied["state"] == "denied" and denied["decided_by"].startswith("cli:")
+        out, err = waiting.communicate(timeout=60)
+    finally:
+        waiting.kill()
+    assert waiting.returncode == 0, err
+    assert f"waits for approval {pending['id']}: goclaw approvals approve" in err
+    assert "approval_denied" in err and "denied, fine" in out
+    task = stack.broker.get(pending["task_id"])
     assert task.state == TaskState.SUCCEEDED
-    [result] = tool_results(stack, submitted.task_id)
+    [result] = tool_results(stack, task.id)
     assert result["error"] == "approval_denied" and "no shell" in result["content"]
     again = stack.cli("approvals", "approve", str(pending["id"]), check=False)
     assert again.returncode == 1 and "already denied" in again.stderr
