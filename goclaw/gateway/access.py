@@ -30,9 +30,16 @@ class AccessDenied(Exception):
 
 async def authorize(state: GatewayState, capability: str, subject: str, client: str) -> None:
     """Judge and audit one request; raise ``AccessDenied`` on no."""
+    decision = await state.db(_judge, state, capability, subject, client)
+    if not decision.allowed:
+        raise AccessDenied(decision)
+
+
+def _judge(state: GatewayState, capability: str, subject: str, client: str) -> Decision:
+    """On the database thread: the watcher's reload check (which audits a refused edit)
+    and the record both write to the database, and neither may block the event loop."""
     decision = state.policy.current().decide(None, capability, subject)
-    await state.db(
-        state.audit.record,
+    state.audit.record(
         agent="-",
         task_id=None,
         session=None,
@@ -42,5 +49,4 @@ async def authorize(state: GatewayState, capability: str, subject: str, client: 
         reason=decision.reason,
         policy_version=decision.policy_version,
     )
-    if not decision.allowed:
-        raise AccessDenied(decision)
+    return decision
