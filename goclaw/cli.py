@@ -994,7 +994,7 @@ def _audit_since(text: str | None) -> float | None:
 
 @main.group()
 def approvals() -> None:
-    """Tool calls waiting for a human (policy mode ``ask``), and allow-always rules."""
+    """Tool calls waiting for a human (policy mode "ask"), and allow-always rules."""
 
 
 def _approvals(obj: Context) -> Any:
