@@ -55,14 +55,6 @@ class EnginePolicyHook:
         self.approvals = approvals
         self.clock = clock
 
-    def decide(self, ctx: ToolContext, capability: str, subject: str) -> Decision:
-        """The allowlists' verdict, audited (approval modes are ``check``'s business)."""
-        decision = self.source.current().decide(
-            ctx.agent_id, capability, subject, workspace=ctx.workspace
-        )
-        self._record(ctx, decision, "allow" if decision.allowed else "deny", decision.reason)
-        return decision
-
     def check(self, ctx: ToolContext, capability: str, subject: str) -> None:
         policy = self.source.current()
         decision = policy.decide(ctx.agent_id, capability, subject, workspace=ctx.workspace)
