@@ -126,11 +126,16 @@ DEFAULT_POLICY = """\
 # load keeps the previous policy (see docs/ARCHITECTURE.md, "Policy").
 version: 1
 # Capabilities for every agent: tools.<tool> (read_file, write_file, list_dir,
-# exec, web_fetch), net.http, acp.read, acp.mutate, skills.<name>, mcp.<server>.<tool>.
+# exec, web_fetch, skill_read, skill_search), net.http, acp.read, acp.mutate,
+# skills.<name> (a WASM skill), mcp.<server>.<tool>.
 allow:
   - tools.read_file
   - tools.write_file
   - tools.list_dir
+  - tools.skill_read   # instruction skills: read one, search them
+  - tools.skill_search
+  - skills.text_stats  # bundled WASM skills that stay inside their sandbox
+  - skills.tally       #   (url_check also needs net.http and its domains)
   - acp.read          # gateway clients may read (tasks, sessions, events)
   - acp.mutate        # and submit work, abort it, answer approvals
 # Hosts net.http may reach: exact.host, or .suffix.host for its subdomains.
@@ -420,10 +425,12 @@ def submit_prompt(
 ) -> None:
     """Queue one agent turn; with ``wait``, stream its reply as the worker writes it."""
     from goclaw.agent.definitions import build_catalog
-    from goclaw.agent.tools import BUILTIN_TOOLS
     from goclaw.agent.turns import follow_turn, submit_turn
+    from goclaw.skills.discovery import KnownTools
 
-    build_catalog(obj.config, BUILTIN_TOOLS).get(agent_id)  # unknown agent: fail here, not later
+    build_catalog(obj.config, KnownTools(obj.config)).get(
+        agent_id
+    )  # unknown agent: fail here, not later
     broker = obj.broker
     submitted, session_key = submit_turn(
         broker,
@@ -1191,9 +1198,9 @@ def session_show(obj: Context, key: str, as_json: bool) -> None:
 def agents(obj: Context, as_json: bool) -> None:
     """The configured agents: models, tools, workspace, definition version."""
     from goclaw.agent.definitions import build_catalog
-    from goclaw.agent.tools import BUILTIN_TOOLS
+    from goclaw.skills.discovery import KnownTools
 
-    catalog = build_catalog(obj.config, BUILTIN_TOOLS)
+    catalog = build_catalog(obj.config, KnownTools(obj.config))
     rows = [
         {
             "id": agent.id,
@@ -1446,6 +1453,15 @@ def bench_gateway(
 
 
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    # `python -m goclaw.cli`: run the imported module's group, the one the command
+    # groups below were added to (this copy, __main__, has none of them).
+    from goclaw.cli import main as imported_main
+
+    imported_main()
+else:
+    # The `goclaw skill` group lives in its own module, which imports this one's helpers.
+    from goclaw.cli_skill import skill
+
+    main.add_command(skill)
 
 __all__ = ["main"]

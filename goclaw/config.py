@@ -330,11 +330,49 @@ class ModelSettings:
                 raise ConfigError(f"{key}.{name}: must be 0 or more (or null), got {value}")
 
 
+@dataclasses.dataclass(frozen=True)
+class SkillSettings:
+    """Where skills are found, and the sandbox limits of a WASM skill (docs/skills.md)."""
+
+    #: The user's skills: the second place looked in, after ``$GOCLAW_HOME/skills``.
+    user_dir: str = "~/.goclaw/skills"
+    #: The skills shipped with goclaw, looked in last; empty: this checkout's ``skills/``.
+    bundled_dir: str = ""
+    #: Defaults for one invocation; a manifest may change them up to the ceilings below.
+    fuel: int = 100_000_000
+    memory_bytes: int = 16 * 1024 * 1024
+    timeout_seconds: float = 5.0
+    max_fuel: int = 1_000_000_000
+    max_memory_bytes: int = 256 * 1024 * 1024
+    max_timeout_seconds: float = 30.0
+    #: The largest output a module may return (bigger is ``skill_bad_output``).
+    max_output_bytes: int = 1_048_576
+    #: This many faults within the window quarantine a skill until ``goclaw skill enable``.
+    quarantine_faults: int = 3
+    quarantine_window_seconds: float = 600.0
+
+    def validate(self) -> None:
+        for name in ("fuel", "memory_bytes", "max_fuel", "max_memory_bytes"):
+            _at_least(f"skills.{name}", getattr(self, name), 1)
+        _at_least("skills.max_output_bytes", self.max_output_bytes, 1024)
+        _at_least("skills.quarantine_faults", self.quarantine_faults, 1)
+        for name in ("timeout_seconds", "max_timeout_seconds", "quarantine_window_seconds"):
+            _positive(f"skills.{name}", getattr(self, name))
+            _finite(f"skills.{name}", getattr(self, name))
+        for name in ("fuel", "memory_bytes", "timeout_seconds"):
+            if getattr(self, name) > getattr(self, f"max_{name}"):
+                raise ConfigError(
+                    f"skills.{name}: {getattr(self, name)} is above its ceiling "
+                    f"skills.max_{name} ({getattr(self, f'max_{name}')})"
+                )
+
+
 SECTIONS: dict[str, type] = {
     "database": DatabaseSettings,
     "broker": BrokerSettings,
     "worker": WorkerSettings,
     "gateway": GatewaySettings,
+    "skills": SkillSettings,
 }
 #: Sections that are mappings of names to settings rather than settings themselves.
 NAMED_SECTIONS = ("agents", "models")
@@ -352,6 +390,7 @@ class Config:
     broker: BrokerSettings
     worker: WorkerSettings
     gateway: GatewaySettings = dataclasses.field(default_factory=GatewaySettings)
+    skills: SkillSettings = dataclasses.field(default_factory=SkillSettings)
     #: Read-only (``MappingProxyType``) so a Config stays a snapshot; never empty once loaded.
     agents: Mapping[str, AgentSettings] = dataclasses.field(default_factory=_empty_mapping)
     #: Only the model strings config.yaml lists; see ``model_settings``.

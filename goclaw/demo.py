@@ -123,11 +123,11 @@ def _conversation(url: str, config: Config, console: Console) -> dict[str, Any]:
     """Two turns in one session with the default agent, through the gateway's
     OpenAI-compatible API, each reply streamed (SSE) as the worker writes it."""
     from goclaw.agent.definitions import build_catalog
-    from goclaw.agent.tools import BUILTIN_TOOLS
     from goclaw.agent.turns import new_session_key
     from goclaw.gateway.auth import read_token
+    from goclaw.skills.discovery import KnownTools
 
-    agent = build_catalog(config, BUILTIN_TOOLS).get("default")
+    agent = build_catalog(config, KnownTools(config)).get("default")
     session = new_session_key(agent.id)
     console.rule(f"a conversation with the default agent ({', '.join(agent.models)})")
     if agent.models[0].startswith("local/"):

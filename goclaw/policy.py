@@ -247,10 +247,11 @@ class Policy:
 
 
 def default_known_tools() -> frozenset[str]:
-    """The built-in tool names (imported late: the agent layer sits above this module)."""
-    from goclaw.agent.tools import BUILTIN_TOOLS
+    """The built-in tool names and the skill tools (imported late: the agent layer sits
+    above this module). WASM skills are judged as ``skills.<name>``, not ``tools.``."""
+    from goclaw.agent.tools import BUILTIN_TOOLS, SKILL_TOOLS
 
-    return frozenset(BUILTIN_TOOLS)
+    return frozenset({*BUILTIN_TOOLS, *SKILL_TOOLS})
 
 
 def load_policy(path: str | os.PathLike[str], known_tools: Collection[str] | None = None) -> Policy:

@@ -85,6 +85,7 @@ def build_catalog(config: Config, known_tools: Collection[str]) -> Catalog:
     Prompt files and workspaces are relative to ``config.home``; every listed tool
     must be in ``known_tools`` so a typo fails at load, not at a model's tool call.
     """
+    known_tools = frozenset(known_tools)  # once: a live collection may look at the disk
     definitions = {
         agent_id: _define(config, agent_id, settings, known_tools)
         for agent_id, settings in config.agents.items()
@@ -190,7 +191,8 @@ class AgentCatalog:
         # With no --config, watch where config.yaml would be, so creating it is seen too.
         self._config_file = self._config_path or self._home / "config.yaml"
         self._env = dict(env)
-        self._known_tools = frozenset(known_tools)
+        #: Kept as given: a live collection (skills) is asked afresh at each reload.
+        self._known_tools = known_tools
         self._last_error: str | None = None
         self._prompt_files: tuple[Path, ...] = ()
         self._seen = self._stamps()

@@ -42,6 +42,8 @@ from goclaw.agent.tools import (
     AllowListedTools,
     ApprovalRequired,
     PolicyHook,
+    RegisteredTools,
+    Toolbox,
     ToolContext,
     ToolError,
     ToolLimits,
@@ -92,6 +94,8 @@ class AgentServices:
     scrubber: Scrubber = dataclasses.field(default_factory=Scrubber)
     #: Where ``ask`` tool calls wait for a human (None: the policy hook refuses them).
     approvals: Approvals | None = None
+    #: The tools there are: the built-ins, plus skills in a worker (``SkillRegistry``).
+    toolbox: Toolbox = dataclasses.field(default_factory=RegisteredTools)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,7 +159,15 @@ class AgentTurn:
             limits=services.tool_limits,
             policy=services.policy_for(agent),
         )
-        self.tool_schemas = [t.schema() for t in tools_for(agent.settings.tools)]
+        # The tools as they are now, kept for the whole turn like the agent's definition.
+        self.tools = services.toolbox.tools()
+        missing = [name for name in agent.settings.tools if name not in self.tools]
+        if missing:  # a skill that was removed, or never loaded: offer the rest
+            log.warning("agent %s: tools not available now: %s", agent.id, ", ".join(missing))
+        offered = [name for name in agent.settings.tools if name in self.tools]
+        self.tool_schemas = [t.schema() for t in tools_for(offered, self.tools)]
+        section = services.toolbox.prompt_section(offered)
+        self.system_prompt = agent.system_prompt + (f"\n\n{section}" if section else "")
         self.model: str | None = None
 
     # -- the turn ------------------------------------------------------------
@@ -265,7 +277,7 @@ class AgentTurn:
     # -- think ---------------------------------------------------------------
 
     def _request(self, history: History, offer_tools: bool) -> list[dict[str, Any]]:
-        system = self.agent.system_prompt
+        system = self.system_prompt
         if history.summary:
             system = f"{system}\n\nSummary of the conversation so far:\n{history.summary}"
         messages = [{"role": "system", "content": system}, *history.openai_messages()]
@@ -442,7 +454,7 @@ class AgentTurn:
                     f"the tool-call budget of this turn ({self.agent.settings.max_tool_calls}) "
                     "is spent",
                 )
-            tool = get_tool(name, self.agent.settings.tools)
+            tool = get_tool(name, self.agent.settings.tools, self.tools)
             arguments = parse_arguments(tool, call["function"]["arguments"])
             ctx = dataclasses.replace(self.tool_context, call_id=call["id"])
             # Before the ledger: a call that waits for approval has not begun.

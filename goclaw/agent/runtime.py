@@ -24,7 +24,6 @@ from goclaw.agent.loop import AgentServices, AgentTurn
 from goclaw.agent.policy_hook import EnginePolicyHook
 from goclaw.agent.routing import ModelRouter
 from goclaw.agent.sessions import SessionStore
-from goclaw.agent.tools import BUILTIN_TOOLS
 from goclaw.agent.turns import AGENT_KIND, check_session_key
 from goclaw.app import App
 from goclaw.approvals import Approvals
@@ -35,6 +34,8 @@ from goclaw.errors import PermanentTaskError
 from goclaw.policy import RELOAD_CHECK_SECONDS, policy_path, watch_policy
 from goclaw.redact import Scrubber
 from goclaw.secrets import KEY_ENV, SecretStore
+from goclaw.skills.discovery import KnownTools
+from goclaw.skills.registry import SkillRegistry
 from goclaw.store.database import Database
 
 log = logging.getLogger(__name__)
@@ -53,11 +54,13 @@ class AgentRuntime:
         db = app.broker.db
         stored = stored_secrets(db, env)
         # Fails closed: a worker with an invalid agent config or policy does not start.
-        self.catalog = AgentCatalog.from_config(config, env, BUILTIN_TOOLS)
+        self.catalog = AgentCatalog.from_config(config, env, KnownTools(config))
         self.audit = AuditLog(db, audit_path(config.home))
         self.policy = watch_policy(policy_path(config.home), self.audit)
         approvals = Approvals(app.broker, self.audit)
         hook = EnginePolicyHook(self.policy, self.audit, approvals)
+        # A skill that does not load is listed with its fault; it never stops the worker.
+        self.skills = SkillRegistry(config, db=db, audit=self.audit, env=env)
         self.services = services or AgentServices(
             sessions=SessionStore(db),
             effects=EffectLedger(db),
@@ -66,21 +69,23 @@ class AgentRuntime:
             scrubber=build_scrubber(config, env, stored),
             policy_for=lambda agent: hook,
             approvals=approvals,
+            toolbox=self.skills,
         )
         self._slots: dict[tuple[str, int], threading.BoundedSemaphore] = {}
         self._slots_lock = threading.Lock()
 
     def watch_policy_file(self) -> None:
-        """Check policy.yaml twice a second even when no tool runs, so that a bad edit
-        is logged and audited when it is made, not at the next tool call."""
+        """Check policy.yaml and the skill folders twice a second even when no tool runs,
+        so that a bad edit is logged and audited when it is made, not at the next call."""
 
         def loop() -> None:
             while True:
                 time.sleep(RELOAD_CHECK_SECONDS)
                 try:
                     self.policy.current()
+                    self.skills.current()  # a rejected skill reload is reported when made too
                 except Exception:  # pragma: no cover - current() handles its own errors
-                    log.exception("policy check failed")
+                    log.exception("policy or skill check failed")
 
         threading.Thread(target=loop, name="policy-watch", daemon=True).start()
 

@@ -16,7 +16,6 @@ import resource
 from aiohttp import web
 
 from goclaw.agent.definitions import AgentCatalog
-from goclaw.agent.tools import BUILTIN_TOOLS
 from goclaw.broker import Broker
 from goclaw.config import Config
 from goclaw.gateway.acp import websocket_handler
@@ -26,6 +25,7 @@ from goclaw.gateway.limits import rate_limit
 from goclaw.gateway.metrics import metrics_handler
 from goclaw.gateway.openai_api import chat_completions, list_models
 from goclaw.gateway.state import STATE, GatewayState
+from goclaw.skills.discovery import KnownTools
 
 log = logging.getLogger(__name__)
 # Whoever starts the app, aiohttp's WebSocket warnings never carry a subprotocol token.
@@ -34,7 +34,7 @@ logging.getLogger("aiohttp.websocket").addFilter(RedactSubprotocolTokens())
 
 def create_app(config: Config, broker: Broker) -> web.Application:
     """The gateway's routes over ``broker``; fails closed without an auth token."""
-    agents = AgentCatalog.from_config(config, os.environ, BUILTIN_TOOLS)
+    agents = AgentCatalog.from_config(config, os.environ, KnownTools(config))
     state = GatewayState(config, broker, agents)
     app = web.Application(
         middlewares=[bearer_auth(read_token(config.home)), rate_limit(state.limiter)],

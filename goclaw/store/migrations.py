@@ -260,6 +260,32 @@ MIGRATIONS: tuple[Migration, ...] = (
             )""",
         ),
     ),
+    Migration(
+        6,
+        "skill faults and quarantine",
+        (
+            # Every fault of a WASM skill (docs/skills.md, "Faults"), kept for `skill show`.
+            """CREATE TABLE skill_faults (
+                id {serial_pk},
+                skill TEXT NOT NULL,
+                code TEXT NOT NULL,
+                message TEXT NOT NULL,
+                task_id BIGINT,
+                agent TEXT,
+                at {double} NOT NULL
+            )""",
+            "CREATE INDEX skill_faults_by_skill ON skill_faults (skill, at)",
+            # One row per skill that was ever quarantined; quarantined_at NULL: lifted.
+            # Faults before lifted_at no longer count toward the next quarantine.
+            """CREATE TABLE skill_quarantine (
+                skill TEXT PRIMARY KEY,
+                quarantined_at {double},
+                reason TEXT,
+                lifted_at {double},
+                lifted_by TEXT
+            )""",
+        ),
+    ),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version

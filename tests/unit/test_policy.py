@@ -254,9 +254,12 @@ def test_version_changes_with_content_only():
 
 
 def test_the_default_policy_init_writes_loads_and_fits_the_default_agent():
-    policy = parse_policy(DEFAULT_POLICY, "policy.yaml", TOOLS)
+    policy = parse_policy(DEFAULT_POLICY, "policy.yaml")  # the tools a worker knows
     for cap in ("tools.read_file", "tools.write_file", "tools.list_dir"):
         assert policy.decide("default", cap, "notes.txt", workspace=WS).allowed
+    for cap in ("tools.skill_read", "skills.text_stats", "skills.tally"):
+        assert policy.decide("default", cap, "").allowed
+    assert not policy.decide("default", "skills.url_check", "").allowed
     assert not policy.decide("default", "tools.exec", "ls", workspace=WS).allowed
     assert not policy.decide("default", "net.http", "https://example.com/").allowed
     assert not policy.decide("default", "tools.read_file", "/etc/passwd", workspace=WS).allowed

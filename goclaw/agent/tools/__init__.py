@@ -8,7 +8,9 @@ for tools it does not have.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import types
+from collections.abc import Collection, Iterable, Mapping
+from typing import Protocol
 
 from goclaw.agent.tools.base import (
     AllowListedTools,
@@ -29,21 +31,33 @@ from goclaw.agent.tools.web import WEB_FETCH
 
 __all__ = [
     "BUILTIN_TOOLS",
+    "SKILL_READ",
+    "SKILL_SEARCH",
+    "SKILL_TOOLS",
     "AllowListedTools",
     "ApprovalRequired",
     "PolicyHook",
+    "RegisteredTools",
     "Tool",
     "ToolContext",
     "ToolError",
     "ToolLimits",
+    "Toolbox",
     "authorize",
     "execute",
     "get_tool",
     "invoke",
     "parse_arguments",
     "register",
+    "registered_tools",
     "tools_for",
 ]
+
+#: The instruction-skill tools ``goclaw.skills`` provides (names fixed here, so that
+#: config and policy can name them without loading any skill).
+SKILL_READ = "skill_read"
+SKILL_SEARCH = "skill_search"
+SKILL_TOOLS = (SKILL_READ, SKILL_SEARCH)
 
 BUILTIN_TOOLS: dict[str, Tool] = {
     tool.name: tool for tool in (READ_FILE, WRITE_FILE, LIST_DIR, EXEC, WEB_FETCH)
@@ -60,21 +74,53 @@ def register(tool: Tool) -> Tool:
     return tool
 
 
-def get_tool(name: str, allowed: Iterable[str]) -> Tool:
-    """The tool ``name`` if this agent may use it; the error lists what it may use instead."""
+def registered_tools() -> Mapping[str, Tool]:
+    """The built-in tools and those added with ``register``."""
+    return types.MappingProxyType(_registry)
+
+
+class Toolbox(Protocol):
+    """Where a turn gets its tools: the built-ins, or a worker's skill registry too."""
+
+    def tools(self) -> Mapping[str, Tool]:
+        """Every tool there is now, by name; a turn takes this once, at its start."""
+
+    def prompt_section(self, tool_names: Collection[str]) -> str:
+        """Text for the system prompt of an agent with these tools ("" for none)."""
+
+
+class RegisteredTools:
+    """The ``Toolbox`` of the built-in tools and those added with ``register``."""
+
+    def tools(self) -> Mapping[str, Tool]:
+        return registered_tools()
+
+    def prompt_section(self, tool_names: Collection[str]) -> str:
+        return ""
+
+
+def get_tool(
+    name: str, allowed: Iterable[str], available: Mapping[str, Tool] | None = None
+) -> Tool:
+    """The tool ``name`` if this agent may use it; the error lists what it may use instead.
+
+    ``available``: the tools there are (default: ``registered_tools()``).
+    """
+    available = _registry if available is None else available
     allowed = list(allowed)
-    tool = _registry.get(name)
+    tool = available.get(name)
     if tool is None or name not in allowed:
-        has = ", ".join(a for a in allowed if a in _registry) or "no tools"
+        has = ", ".join(a for a in allowed if a in available) or "no tools"
         raise ToolError("unknown_tool", f"no tool named {name!r} (this agent has: {has})")
     return tool
 
 
-def tools_for(names: Iterable[str]) -> list[Tool]:
+def tools_for(names: Iterable[str], available: Mapping[str, Tool] | None = None) -> list[Tool]:
     """The tools named, in order and once each, as the model is offered them."""
+    available = _registry if available is None else available
     tools: list[Tool] = []
     for name in dict.fromkeys(names):
-        tool = _registry.get(name)
+        tool = available.get(name)
         if tool is None:
             raise ToolError("unknown_tool", f"no tool named {name!r}")
         tools.append(tool)

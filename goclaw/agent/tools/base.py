@@ -160,6 +160,9 @@ class Tool:
     side_effect: bool = False
     #: The argument that policy and audit judge (a path, a command, a URL).
     subject_argument: str | None = None
+    #: The policy capability's family: ``tools.<name>`` for built-ins, ``skills.<name>``
+    #: for WASM skills (``goclaw.skills``).
+    family: str = "tools"
 
     def __post_init__(self) -> None:
         # A broken definition is a programming error: fail when the tool is defined, not
@@ -172,7 +175,7 @@ class Tool:
 
     @property
     def capability(self) -> str:
-        return f"tools.{self.name}"
+        return f"{self.family}.{self.name}"
 
     def subject(self, arguments: dict[str, Any]) -> str:
         """What policy and audit see; an omitted argument counts as its schema default."""
