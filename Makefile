@@ -10,7 +10,7 @@ DEMO_HOME ?= .goclaw-demo
 # No network at import time (LiteLLM's model cost map), in tests or anywhere.
 export LITELLM_LOCAL_MODEL_COST_MAP := True
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test lint bench skills clean
 
 install: $(STAMP)
 
@@ -45,7 +45,12 @@ bench: $(STAMP)
 	$(BIN)/goclaw bench queue --tasks 2000 --workers 2
 	$(BIN)/goclaw bench agent --turns 100
 	$(BIN)/goclaw bench policy --calls 2000
+	$(BIN)/goclaw bench skill --calls 2000
 	$(BIN)/goclaw bench gateway
+
+# Rebuild the bundled skills' modules from their WebAssembly text (wasmtime's wat2wasm).
+skills: $(STAMP)
+	for skill in skills/*/; do $(BIN)/goclaw skill build "$$skill" || exit 1; done
 
 clean:
 	rm -rf $(VENV) $(DEMO_HOME) .pytest_cache .ruff_cache .hypothesis

@@ -1373,17 +1373,46 @@ def bench_agent(turns: int, warmup: int, workdir: str | None, as_json: bool) -> 
     print_measures(result, as_json)
 
 
+def per_call_bench(func: Callable[..., Any]) -> Callable[..., Any]:
+    """The options of the benches that time one call many times, interleaved."""
+    for option in reversed(
+        (
+            click.option("--calls", type=click.IntRange(min=1), default=2000, show_default=True),
+            click.option("--warmup", type=click.IntRange(min=0), default=100, show_default=True),
+            click.option(
+                "--workdir", type=click.Path(file_okay=False), help="[default: a temp dir]"
+            ),
+            json_option,
+        )
+    ):
+        func = option(func)
+    return func
+
+
 @bench.command("policy")
-@click.option("--calls", type=click.IntRange(min=1), default=2000, show_default=True)
-@click.option("--warmup", type=click.IntRange(min=0), default=100, show_default=True)
-@click.option("--workdir", type=click.Path(file_okay=False), help="[default: a temp dir]")
-@json_option
+@per_call_bench
 @command
 def bench_policy(calls: int, warmup: int, workdir: str | None, as_json: bool) -> None:
     """Per tool call: a policy check, and a check plus its durable audit write, vs no check."""
     from goclaw.bench_policy import run_policy_bench
 
     result = run_policy_bench(
+        calls=calls,
+        warmup=warmup,
+        workdir=workdir,
+        progress=None if as_json else print_progress,
+    )
+    print_measures(result, as_json)
+
+
+@bench.command("skill")
+@per_call_bench
+@command
+def bench_skill(calls: int, warmup: int, workdir: str | None, as_json: bool) -> None:
+    """Per call of a small WASM skill (cached compile) vs the same function in Python."""
+    from goclaw.bench_skill import run_skill_bench
+
+    result = run_skill_bench(
         calls=calls,
         warmup=warmup,
         workdir=workdir,
