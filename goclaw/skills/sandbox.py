@@ -147,8 +147,10 @@ class Sandbox:
         config.consume_fuel = True
         config.epoch_interruption = True
         config.max_wasm_stack = MAX_WASM_STACK
-        # Keep native code out of WASI and threads: the ABI offers neither.
+        # The ABI offers no threads; and no compiler thread pool, which a process worker
+        # forked from this one would inherit broken (skill modules are small to compile).
         config.wasm_threads = False
+        config.parallel_compilation = False
         self.engine = wasmtime.Engine(config)
         self.max_output_bytes = max_output_bytes
         self.cache = ModuleCache(self.engine, cache_dir)
@@ -429,9 +431,11 @@ class ModuleCache:
             except wasmtime.WasmtimeError as exc:
                 raise SkillFault(ABI_MISMATCH, f"not a valid module: {_first_line(exc)}") from None
             self.compiled += 1
+            log.info("compiled module %s", sha256[:12])
             self._to_disk(key, module)
         else:
             self.loaded += 1
+            log.info("module %s loaded from the cache", sha256[:12])
         with self._lock:
             self._memo[sha256] = module
         return module, sha256, cached

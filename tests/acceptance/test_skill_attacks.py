@@ -192,10 +192,17 @@ def test_quarantine_survives_a_worker_restart_and_skill_enable_lifts_it(make_sta
     assert codes == ["skill_out_of_fuel"] * 3 + ["skill_quarantined"]
     assert [r.decision for r in audit(stack, capability="skills.spin")].count("quarantine") == 1
 
+    cache = stack.home / "cache" / "wasm"
+    cached = {path.name: path.stat().st_mtime_ns for path in cache.iterdir()}
+    assert cached, "the worker cached the compiled module"
     worker.kill()
-    stack.worker()
+    restarted = stack.worker()
     fake.script = Script.from_data({"replies": call("spin")})
     assert tool_result(stack, run_turn(stack))["error"] == "skill_quarantined"
+    # The restarted worker took the module from the cache: nothing compiled, nothing written.
+    assert {path.name: path.stat().st_mtime_ns for path in cache.iterdir()} == cached
+    assert "loaded from the cache" in restarted.log()
+    assert "compiled module" not in restarted.log()
     listed = {s["name"]: s for s in stack.cli_json("skill", "list")["skills"]}
     assert listed["spin"]["state"].startswith("quarantined")
 
@@ -313,3 +320,9 @@ def test_skill_install_stages_first_and_a_running_worker_picks_it_up(
     wait_for(greeted, timeout=20, what="the worker to offer the installed skill")
     tested = stack.cli_json("skill", "test", "greeter", "--input", "{}", "--agent", "default")
     assert tested["ok"] == "hello"
+    shown = stack.cli_json("skill", "show", "greeter")
+    assert shown["state"] == "live" and shown["source"] == "project" and shown["faults"] == []
+    refused = stack.cli("skill", "remove", "text_stats", check=False)
+    assert refused.returncode == 1 and "installed skill" in refused.stderr
+    assert stack.cli_json("skill", "remove", "greeter")["name"] == "greeter"
+    assert not (stack.home / "skills" / "greeter").exists()
