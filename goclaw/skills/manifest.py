@@ -12,6 +12,7 @@ The format is documented in ``docs/skills.md``.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 from collections.abc import Mapping
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
+import referencing.exceptions
 import yaml
 
 from goclaw.config import SkillSettings
@@ -149,7 +151,7 @@ class _Reader:
         if unknown:
             raise self.fail(str(unknown[0]), f"unknown key (known: {', '.join(_KEYS)})")
         name = self.data.get("name")
-        if not isinstance(name, str) or not NAME.match(name):
+        if not isinstance(name, str) or not NAME.fullmatch(name):
             raise self.fail(
                 "name", f"{name!r} must match {NAME.pattern} (it is the tool name agents list)"
             )
@@ -170,7 +172,8 @@ class _Reader:
             if stray:
                 raise self.fail(stray[0], "only a WASM skill (one with a 'module') has this key")
             return Manifest(**fields)
-        if self.data.get("abi") != ABI_VERSION:
+        abi = self.data.get("abi")
+        if type(abi) is not int or abi != ABI_VERSION:
             raise self.fail(
                 "abi", f"this goclaw speaks skill ABI {ABI_VERSION}, got {self.data.get('abi')!r}"
             )
@@ -223,7 +226,8 @@ class _Reader:
         for key, kind in (("fuel", int), ("memory_bytes", int), ("timeout_seconds", float)):
             default, ceiling = getattr(settings, key), getattr(settings, f"max_{key}")
             value = raw.pop(key, default)
-            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            number = isinstance(value, int | float) and not isinstance(value, bool)
+            if not number or not math.isfinite(value) or value <= 0:
                 raise self.fail(f"limits.{key}", f"must be a positive number, got {value!r}")
             if kind is int and value != int(value):
                 raise self.fail(f"limits.{key}", f"must be a whole number, got {value!r}")
@@ -250,7 +254,10 @@ class _Reader:
             given = entry.get("input")
             if not isinstance(given, dict):
                 raise self.fail(f"{key}.input", "must be a mapping (the tool's arguments)")
-            error = jsonschema.exceptions.best_match(validator.iter_errors(given))
+            try:
+                error = jsonschema.exceptions.best_match(validator.iter_errors(given))
+            except referencing.exceptions.Unresolvable:  # a $ref that points nowhere
+                raise self.fail("input", "a $ref in the schema cannot be resolved") from None
             if error is not None:
                 raise self.fail(f"{key}.input", f"does not match input: {error.message}")
             examples.append(Example(input=given, output=entry.get("output")))

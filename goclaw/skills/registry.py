@@ -20,6 +20,7 @@ import functools
 import json
 import logging
 import os
+import threading
 import time
 import types
 from collections.abc import Callable, Collection, Mapping
@@ -128,6 +129,7 @@ class SkillRegistry:
             config.home / CACHE_DIR, max_output_bytes=self.settings.max_output_bytes
         )
         self.health = None if db is None else SkillHealth(db, audit, self.settings)
+        self._rebuild = threading.Lock()
         self._seen = stamps(self.sources)
         self._snapshot = self._build(None)
         self._throttled = ThrottledCheck(self._check, check_interval, clock=clock)
@@ -148,11 +150,14 @@ class SkillRegistry:
         return {**registered_tools(), **self.current().tools}
 
     def _check(self) -> None:
-        seen = stamps(self.sources)
-        if seen == self._seen:
-            return
-        self._seen = seen
-        self._snapshot = self._build(self._snapshot)
+        # One rebuild at a time (``reload`` and the throttled check may race): a rebuild
+        # that read the folders earlier must not replace one that read them later.
+        with self._rebuild:
+            seen = stamps(self.sources)
+            if seen == self._seen:
+                return
+            self._seen = seen
+            self._snapshot = self._build(self._snapshot)
 
     def _build(self, previous: Snapshot | None) -> Snapshot:
         discovery = discover(self.sources, self.settings)
@@ -212,12 +217,17 @@ class SkillRegistry:
         if old is not None:
             live = old.live
             if old.manifest == manifest and live is not None and live.sha256 == sha256:
-                return old  # unchanged: no new staging
+                # Unchanged (or changed back): no new staging, and no stale rejection.
+                return dataclasses.replace(old, rejection=None, rejected=None)
             if old.rejected == (manifest, sha256):
                 return old  # the version rejected last time: not again
         try:
             live = self._stage(manifest, wasm)
         except StagingError as staging:
+            return self._rejected(manifest, source, old, staging, sha256)
+        except Exception as exc:  # a bug of ours must not take every other skill down
+            log.exception("staging skill %s failed unexpectedly", manifest.name)
+            staging = StagingError("staging", SkillFault("skill_trap", f"{type(exc).__name__}"))
             return self._rejected(manifest, source, old, staging, sha256)
         if old is not None:
             log.info("skill %s: new version %s is live", manifest.name, live.sha256[:12])
@@ -446,9 +456,9 @@ def stage(sandbox: Sandbox, manifest: Manifest, wasm: bytes) -> CompiledModule:
     except SkillFault as fault:
         raise StagingError("compile", fault) from None
     try:
-        sandbox.instantiate(compiled, manifest.limits)
-    except SkillFault as fault:
-        raise StagingError("instantiate", fault) from None
+        sandbox.instantiate(compiled, manifest.limits, _self_test_call(manifest))
+    except ToolError as exc:
+        raise StagingError("instantiate", _as_fault(exc)) from None
     for index, example in enumerate(manifest.examples):
         phase = f"self-test examples[{index}]"
         try:
@@ -456,8 +466,7 @@ def stage(sandbox: Sandbox, manifest: Manifest, wasm: bytes) -> CompiledModule:
                 compiled, manifest.limits, example.input, _self_test_call(manifest)
             )
         except ToolError as exc:
-            fault = exc if isinstance(exc, SkillFault) else SkillFault(exc.code, exc.message)
-            raise StagingError(phase, fault) from None
+            raise StagingError(phase, _as_fault(exc)) from None
         if example.output is not None and output != example.output:
             fault = SkillFault(
                 "skill_bad_output",
@@ -466,6 +475,11 @@ def stage(sandbox: Sandbox, manifest: Manifest, wasm: bytes) -> CompiledModule:
             )
             raise StagingError(phase, fault)
     return compiled
+
+
+def _as_fault(exc: ToolError) -> SkillFault:
+    """A host refusal during staging (a start function calling http_get) fails it too."""
+    return exc if isinstance(exc, SkillFault) else SkillFault(exc.code, exc.message)
 
 
 def stage_folder(manifest: Manifest, config: Config) -> CompiledModule:

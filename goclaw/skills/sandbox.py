@@ -18,6 +18,7 @@ The ABI is specified in ``docs/skills.md``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -27,7 +28,7 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Protocol
@@ -122,6 +123,8 @@ class Invocation:
     fetch: Callable[[ToolContext, str], dict[str, Any]]
     deadline: float
     log_lines: int = 0
+    #: The first error a host function met; it ends the call (see ``Sandbox._running``).
+    error: BaseException | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,13 +170,14 @@ class Sandbox:
         check_interface(module)
         return CompiledModule(module=module, sha256=sha256, cached=cached)
 
-    def instantiate(self, compiled: CompiledModule, limits: Limits) -> None:
-        """Instantiate once and check the ABI version: staging's second phase."""
+    def instantiate(self, compiled: CompiledModule, limits: Limits, invocation: Invocation) -> None:
+        """Instantiate once and check the ABI version: staging's second phase.
+
+        ``invocation`` serves the host calls a start function makes.
+        """
         store = self._store(limits)
-        try:
-            self._instantiate(store, compiled, limits)
-        except wasmtime.Trap as trap:
-            raise _classify_trap(trap, store, None, limits) from None
+        with self._running(invocation, store, limits) as instance:
+            instance.exports = self._instantiate(store, compiled, limits)
 
     # -- invoke --------------------------------------------------------------
 
@@ -193,22 +197,44 @@ class Sandbox:
         invocation: Invocation,
     ) -> Any:
         """Run the module once on ``arguments``; answer its ``ok`` value or raise."""
-        store = self._store(limits)
-        exports: _Exports | None = None
-        self._current.invocation = invocation
         try:
-            exports = self._instantiate(store, compiled, limits)
             data = canonical_json(arguments)
+        except UnicodeEncodeError as exc:  # a lone surrogate: there is no UTF-8 for it
+            raise ToolError("invalid_arguments", f"arguments are not valid text: {exc}") from None
+        store = self._store(limits)
+        with self._running(invocation, store, limits) as instance:
+            exports = instance.exports = self._instantiate(store, compiled, limits)
             pointer = exports.alloc(store, len(data))
             if not isinstance(pointer, int) or pointer <= 0:
                 raise SkillFault(BAD_OUTPUT, f"alloc({len(data)}) returned {pointer!r}")
             _write(store, exports.memory, pointer, data, "alloc")
             packed = exports.run(store, pointer, len(data))
-            return self._output(store, exports.memory, packed)
+        return self._output(store, exports.memory, packed)
+
+    @contextlib.contextmanager
+    def _running(
+        self, invocation: Invocation, store: wasmtime.Store, limits: Limits
+    ) -> Iterator[_Instance]:
+        """Serve host calls from ``invocation`` while wasm runs; turn every way it can end
+        into a ``SkillFault`` or the host's own refusal.
+
+        A host function never raises into wasmtime: wasmtime-py hands a callback's
+        exception back through one process-wide variable, so with invocations in several
+        threads one could receive another's error. It keeps the error in its
+        ``Invocation`` instead and stops the module by taking its fuel away; the error is
+        raised here, whether the module then trapped or returned.
+        """
+        instance = _Instance()
+        self._current.invocation = invocation
+        try:
+            yield instance
         except wasmtime.Trap as trap:
-            raise _classify_trap(trap, store, exports, limits) from None
+            if invocation.error is None:
+                raise _classify_trap(trap, store, instance.exports, limits) from None
         finally:
             self._current.invocation = None
+        if invocation.error is not None:
+            raise invocation.error
 
     def _instantiate(
         self, store: wasmtime.Store, compiled: CompiledModule, limits: Limits
@@ -246,10 +272,12 @@ class Sandbox:
             )
         raw = _read(store, memory, pointer, length, None)
         try:
-            answer = json.loads(raw.decode("utf-8"))
+            answer = json.loads(
+                raw.decode("utf-8"), parse_constant=_not_json, object_pairs_hook=_unique_keys
+            )
         except UnicodeDecodeError as exc:
             raise SkillFault(BAD_OUTPUT, f"the output is not UTF-8: {exc.reason}") from None
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, _NotJSON) as exc:
             raise SkillFault(BAD_OUTPUT, f"the output is not JSON: {exc}") from None
         if isinstance(answer, dict) and set(answer) == {"ok"}:
             return answer["ok"]
@@ -298,15 +326,31 @@ class Sandbox:
                 HOST_MODULE,
                 name,
                 wasmtime.FuncType(list(params), list(results)),
-                handlers[name],
+                self._guarded(handlers[name], -1 if results else None),
                 access_caller=True,
             )
         return linker
 
-    def _invocation(self) -> Invocation:
-        invocation = getattr(self._current, "invocation", None)
-        assert invocation is not None, "a host function ran outside an invocation"
-        return invocation
+    def _guarded(self, handler: Callable[..., Any], failed: int | None) -> Callable[..., Any]:
+        """``handler`` with its errors kept in the invocation rather than raised."""
+
+        def host_function(caller: wasmtime.Caller, *args: int) -> Any:
+            invocation = getattr(self._current, "invocation", None)
+            if invocation is None:  # cannot happen: every entry into wasm sets one
+                wasmtime.Store.set_fuel(caller, 0)  # type: ignore[arg-type]
+                return failed
+            if invocation.error is not None:
+                return failed  # already stopping
+            try:
+                return handler(invocation, caller, *args)
+            except BaseException as exc:
+                invocation.error = exc
+                # Store.set_fuel only needs a context, which a Caller has: no fuel left
+                # stops the module at its next check, and the error above is raised.
+                wasmtime.Store.set_fuel(caller, 0)  # type: ignore[arg-type]
+                return failed
+
+        return host_function
 
     def _needs(self, invocation: Invocation, capability: str, function: str, subject: str) -> None:
         if capability in invocation.capabilities:
@@ -319,8 +363,14 @@ class Sandbox:
         ctx.policy.refused(ctx, f"skills.{invocation.skill}", subject or function, reason)
         raise ToolError(CAPABILITY_DENIED, reason)
 
-    def _host_log(self, caller: wasmtime.Caller, level: int, pointer: int, length: int) -> None:
-        invocation = self._invocation()
+    def _host_log(
+        self,
+        invocation: Invocation,
+        caller: wasmtime.Caller,
+        level: int,
+        pointer: int,
+        length: int,
+    ) -> None:
         invocation.log_lines += 1
         if invocation.log_lines > LOG_LINES_PER_CALL:
             return
@@ -338,8 +388,9 @@ class Sandbox:
             line,
         )
 
-    def _host_http_get(self, caller: wasmtime.Caller, pointer: int, length: int) -> int:
-        invocation = self._invocation()
+    def _host_http_get(
+        self, invocation: Invocation, caller: wasmtime.Caller, pointer: int, length: int
+    ) -> int:
         raw = _read(caller, _memory(caller), pointer, length, "http_get")
         url = raw.decode("utf-8", "replace")
         self._needs(invocation, "http", "http_get", url)
@@ -359,17 +410,23 @@ class Sandbox:
                 answer = {"error": {"code": exc.code, "message": exc.message}}
         return _give(caller, canonical_json(answer), "http_get")
 
-    def _host_kv_get(self, caller: wasmtime.Caller, pointer: int, length: int) -> int:
-        invocation = self._invocation()
+    def _host_kv_get(
+        self, invocation: Invocation, caller: wasmtime.Caller, pointer: int, length: int
+    ) -> int:
         key = _key(caller, pointer, length, "kv_get")
         self._needs(invocation, "kv", "kv_get", key or "")
         value = None if key is None else invocation.store.get(key)
         return _ABSENT if value is None else _give(caller, value, "kv_get")
 
     def _host_kv_set(
-        self, caller: wasmtime.Caller, key_ptr: int, key_len: int, val_ptr: int, val_len: int
+        self,
+        invocation: Invocation,
+        caller: wasmtime.Caller,
+        key_ptr: int,
+        key_len: int,
+        val_ptr: int,
+        val_len: int,
     ) -> int:
-        invocation = self._invocation()
         key = _key(caller, key_ptr, key_len, "kv_set")
         self._needs(invocation, "kv", "kv_set", key or "")
         if key is None or val_len > KV_VALUE_BYTES:
@@ -381,8 +438,9 @@ class Sandbox:
         store.put(key, value)
         return 0
 
-    def _host_kv_delete(self, caller: wasmtime.Caller, pointer: int, length: int) -> int:
-        invocation = self._invocation()
+    def _host_kv_delete(
+        self, invocation: Invocation, caller: wasmtime.Caller, pointer: int, length: int
+    ) -> int:
         key = _key(caller, pointer, length, "kv_delete")
         self._needs(invocation, "kv", "kv_delete", key or "")
         return 0 if key is not None and invocation.store.delete(key) else 1
@@ -393,6 +451,13 @@ class _Exports:
     memory: Any
     alloc: Any
     run: Any
+
+
+@dataclasses.dataclass
+class _Instance:
+    """What ``_running`` knows of the instance, to judge a trap by its memory."""
+
+    exports: _Exports | None = None
 
 
 class ModuleCache:
@@ -501,6 +566,21 @@ def check_interface(module: wasmtime.Module) -> None:
             raise SkillFault(ABI_MISMATCH, f"no export {name!r} ({description}): not skill ABI v1")
         if not isinstance(found, kind) or not fits(found):
             raise SkillFault(ABI_MISMATCH, f"export {name!r} must be {description}, is {found}")
+
+
+class _NotJSON(ValueError):
+    pass
+
+
+def _not_json(constant: str) -> Any:
+    raise _NotJSON(f"{constant} is not a JSON value")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise _NotJSON(f"an object repeats a key ({sorted(keys)})")
+    return dict(pairs)
 
 
 def canonical_json(value: Any) -> bytes:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import jsonschema
+import referencing.exceptions
 
 from goclaw.errors import GoclawError
 
@@ -219,9 +220,14 @@ def parse_arguments(tool: Tool, raw: str | dict[str, Any] | None) -> dict[str, A
             f"arguments must be a JSON object, not {type(arguments).__name__}",
         )
     validator = jsonschema.Draft202012Validator(tool.parameters)
-    errors = sorted(
-        validator.iter_errors(arguments), key=lambda e: [str(p) for p in e.absolute_path]
-    )
+    try:
+        errors = sorted(
+            validator.iter_errors(arguments), key=lambda e: [str(p) for p in e.absolute_path]
+        )
+    except referencing.exceptions.Unresolvable as exc:  # a skill's schema with a bad $ref
+        raise ToolError(
+            "invalid_arguments", f"the tool's schema cannot be checked: {exc}"
+        ) from None
     if errors:
         problems = [_describe(error) for error in errors[:_MAX_MESSAGES]]
         if len(errors) > _MAX_MESSAGES:
