@@ -23,7 +23,15 @@ from goclaw.audit import AuditLog, audit_path
 from goclaw.fake_llm import FakeLLM, Script
 from goclaw.states import TaskState
 from tests.acceptance.conftest import Stack, wait_for
-from tests.skill_support import ok_wat, pack, replace_file, skill_wat, wasm_of, write_skill
+from tests.skill_support import (
+    ok_wat,
+    pack,
+    replace_file,
+    skill_wat,
+    wasm_of,
+    write_instructions,
+    write_skill,
+)
 
 pytestmark = pytest.mark.slow
 sqlite_only = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
@@ -260,11 +268,24 @@ def test_an_agent_uses_bundled_skills_end_to_end(make_stack, fake):
         "version: 1\nallow: [skills.text_stats, skills.tally, tools.skill_read, "
         "tools.skill_search]\n"
     )
+    write_instructions(
+        stack.home / "skills" / "release_notes",
+        "release_notes",
+        body="SECRET-STEPS: read the changelog, then group the entries by component.",
+        description="How to write release notes for this project.",
+    )
+    write_instructions(
+        stack.home / "skills" / "cloud_deploy",
+        "cloud_deploy",
+        description="Deploy to the cloud.",
+        requires={"env": ["GOCLAW_TEST_NO_SUCH_VARIABLE"]},
+    )
     stack.worker()
     text = "Grüße aus Köln 👋\nzweite Zeile"
     fake.script = Script.from_data(
         {
             "replies": [
+                *call("skill_read", name="release_notes"),
                 *call("skill_search", query="count words in a text"),
                 *call("text_stats", text=text),
                 *call("tally", counter="visits", add=2),
@@ -272,6 +293,13 @@ def test_an_agent_uses_bundled_skills_end_to_end(make_stack, fake):
             ]
         }
     )
+    # Progressive disclosure: the prompt names eligible instruction skills, the text
+    # comes only with skill_read, and an ineligible skill is left out.
+    read = tool_result(stack, run_turn(stack, "write the release notes"))
+    system = fake.requests[0]["messages"][0]["content"]
+    assert "- release_notes: How to write release notes" in system
+    assert "SECRET-STEPS" not in system and "cloud_deploy" not in system
+    assert "SECRET-STEPS" in json.loads(read["content"])["instructions"]
     found = tool_result(stack, run_turn(stack, "which skill counts words?"))
     assert json.loads(found["content"])[0]["name"] == "text_stats"
     stats = tool_result(stack, run_turn(stack, "count this"))
@@ -292,8 +320,6 @@ def test_an_agent_uses_bundled_skills_end_to_end(make_stack, fake):
     )
     [tally] = [t for t in request["tools"] if t["function"]["name"] == "tally"]
     assert tally["function"]["parameters"]["required"] == ["counter"]
-    # Progressive disclosure: instruction skills are named, never inlined (none here).
-    assert "## Skills" not in request["messages"][0]["content"]
 
 
 def test_skill_install_stages_first_and_a_running_worker_picks_it_up(
