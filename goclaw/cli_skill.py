@@ -30,7 +30,7 @@ def _registry(obj: Context) -> Any:
     return SkillRegistry(obj.config, db=obj.broker.db, audit=_audit_log(obj))
 
 
-def _state(registry: Any, snapshot: Any, name: str, quarantined: dict[str, Any]) -> str:
+def _state(snapshot: Any, name: str, quarantined: dict[str, Any]) -> str:
     from goclaw.skills.registry import WasmSkill
 
     skill = snapshot.describe(name)
@@ -47,7 +47,7 @@ def _state(registry: Any, snapshot: Any, name: str, quarantined: dict[str, Any])
     return "eligible"
 
 
-def _summary(registry: Any, snapshot: Any, name: str, quarantined: dict[str, Any]) -> dict:
+def _summary(snapshot: Any, name: str, quarantined: dict[str, Any]) -> dict:
     from goclaw.skills.registry import WasmSkill
 
     skill = snapshot.describe(name)
@@ -56,7 +56,7 @@ def _summary(registry: Any, snapshot: Any, name: str, quarantined: dict[str, Any
         "kind": "wasm" if isinstance(skill, WasmSkill) else "instructions",
         "source": skill.source,
         "folder": str(skill.manifest.folder),
-        "state": _state(registry, snapshot, name, quarantined),
+        "state": _state(snapshot, name, quarantined),
         "description": skill.manifest.description,
     }
 
@@ -71,7 +71,7 @@ def skill_list(obj: Context, as_json: bool) -> None:
     snapshot = registry.current()
     quarantined = registry.health.quarantined()
     names = sorted({*snapshot.wasm, *snapshot.instructions})
-    rows = [_summary(registry, snapshot, name, quarantined) for name in names]
+    rows = [_summary(snapshot, name, quarantined) for name in names]
     problems = [{"folder": str(folder), "error": why} for folder, why in snapshot.problems]
     if as_json:
         emit_json({"skills": rows, "problems": problems})
@@ -98,7 +98,7 @@ def skill_show(obj: Context, name: str, as_json: bool) -> None:
     if skill is None:
         raise GoclawError(f"no skill named {name!r} (goclaw skill list shows them)")
     manifest = skill.manifest
-    info = _summary(registry, snapshot, name, registry.health.quarantined())
+    info = _summary(snapshot, name, registry.health.quarantined())
     if manifest.is_wasm:
         limits = manifest.limits
         info.update(
@@ -225,7 +225,7 @@ def skill_enable(obj: Context, name: str, as_json: bool) -> None:
 def skill_test(obj: Context, name: str, raw_input: str, agent: str, as_json: bool) -> None:
     """Run WASM skill NAME once with --input, under the policy, as a worker would."""
     from goclaw.agent.policy_hook import EnginePolicyHook
-    from goclaw.agent.tools import ToolContext, ToolError, get_tool, parse_arguments
+    from goclaw.agent.tools import ToolContext, ToolError, get_tool, invoke, parse_arguments
     from goclaw.policy import policy_path, watch_policy
 
     registry = _registry(obj)
@@ -244,9 +244,7 @@ def skill_test(obj: Context, name: str, raw_input: str, agent: str, as_json: boo
     tool = get_tool(name, [name], tools)
     started = time.perf_counter()
     try:
-        arguments = parse_arguments(tool, raw_input)
-        ctx.policy.check(ctx, tool.capability, "")
-        result: Any = {"ok": tool.run(ctx, arguments)}
+        result: Any = {"ok": invoke(tool, ctx, parse_arguments(tool, raw_input))}
     except ToolError as exc:
         result = {"error": {"code": exc.code, "message": exc.message}}
     result["seconds"] = round(time.perf_counter() - started, 6)
