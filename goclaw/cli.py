@@ -1488,9 +1488,11 @@ if __name__ == "__main__":  # pragma: no cover
 
     imported_main()
 else:
-    # The `goclaw skill` group lives in its own module, which imports this one's helpers.
+    # Command groups in their own modules, which import this one's helpers.
+    from goclaw.cli_cron import cron, scheduler
     from goclaw.cli_skill import skill
 
-    main.add_command(skill)
+    for group in (skill, cron, scheduler):
+        main.add_command(group)
 
 __all__ = ["main"]

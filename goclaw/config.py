@@ -236,6 +236,12 @@ class AgentSettings:
     #: External content (``web_fetch``) that looks like a prompt injection is only logged
     #: (``log``), marked for the model (``warn``), or withheld from it (``block``).
     injection_guard: str = "warn"
+    #: The heartbeat: wake every so often (``30m``) with ``HEARTBEAT.md`` (in the
+    #: workspace) as the prompt; None: no heartbeat. ``HH:MM-HH:MM`` limits it to active
+    #: hours in ``heartbeat_timezone`` (the range may wrap past midnight).
+    heartbeat_every: str | None = None
+    heartbeat_active_hours: str | None = None
+    heartbeat_timezone: str = "UTC"
 
     def validate(self, key: str) -> None:
         """``key`` is ``agents.<id>``: an agent's errors must say which agent."""
@@ -284,6 +290,19 @@ class AgentSettings:
                 f"{key}.injection_guard: must be one of {', '.join(INJECTION_GUARD_ACTIONS)}, "
                 f"got {self.injection_guard!r}"
             )
+        if self.heartbeat_every is not None:
+            from goclaw.cron.spec import parse_spec
+
+            heartbeat = {"every": self.heartbeat_every, "timezone": self.heartbeat_timezone}
+            if self.heartbeat_active_hours:
+                heartbeat["active_hours"] = self.heartbeat_active_hours
+            try:
+                parse_spec({**heartbeat, "kind": "heartbeat"}, f"{key}.heartbeat")
+            except ConfigError as exc:
+                why = str(exc).replace(f"{key}.heartbeat.", f"{key}.heartbeat_")
+                raise ConfigError(why) from None
+        elif self.heartbeat_active_hours:
+            raise ConfigError(f"{key}.heartbeat_active_hours: needs heartbeat_every")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -331,6 +350,26 @@ class ModelSettings:
 
 
 @dataclasses.dataclass(frozen=True)
+class SchedulerSettings:
+    """``goclaw scheduler``: how often it looks for due fire times, and what counts as late."""
+
+    #: Seconds between passes over the schedules (a fire is queued within about this).
+    tick_seconds: float = 1.0
+    #: A fire time this late is *missed* (the scheduler was down): its schedule's
+    #: ``misfire`` policy decides (``skip``, or ``run_once``: one catch-up).
+    misfire_grace_seconds: float = 60.0
+
+    def validate(self) -> None:
+        for name in ("tick_seconds", "misfire_grace_seconds"):
+            _positive(f"scheduler.{name}", getattr(self, name))
+            _finite(f"scheduler.{name}", getattr(self, name))
+        if self.misfire_grace_seconds < self.tick_seconds:
+            raise ConfigError(
+                "scheduler.misfire_grace_seconds: must be at least scheduler.tick_seconds"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
 class SkillSettings:
     """Where skills are found, and the sandbox limits of a WASM skill (docs/skills.md)."""
 
@@ -373,9 +412,10 @@ SECTIONS: dict[str, type] = {
     "worker": WorkerSettings,
     "gateway": GatewaySettings,
     "skills": SkillSettings,
+    "scheduler": SchedulerSettings,
 }
 #: Sections that are mappings of names to settings rather than settings themselves.
-NAMED_SECTIONS = ("agents", "models")
+NAMED_SECTIONS = ("agents", "models", "cron")
 
 
 def _empty_mapping() -> Mapping[str, Any]:
@@ -391,10 +431,13 @@ class Config:
     worker: WorkerSettings
     gateway: GatewaySettings = dataclasses.field(default_factory=GatewaySettings)
     skills: SkillSettings = dataclasses.field(default_factory=SkillSettings)
+    scheduler: SchedulerSettings = dataclasses.field(default_factory=SchedulerSettings)
     #: Read-only (``MappingProxyType``) so a Config stays a snapshot; never empty once loaded.
     agents: Mapping[str, AgentSettings] = dataclasses.field(default_factory=_empty_mapping)
     #: Only the model strings config.yaml lists; see ``model_settings``.
     models: Mapping[str, ModelSettings] = dataclasses.field(default_factory=_empty_mapping)
+    #: Named schedules (``goclaw.cron.spec.ScheduleSpec``), checked at load.
+    cron: Mapping[str, Any] = dataclasses.field(default_factory=_empty_mapping)
 
     @property
     def database_url(self) -> str:
@@ -448,6 +491,7 @@ def load_config(
         **sections,
         agents=_build_agents(raw.get("agents"), agent_overrides, env),
         models=_build_models(raw.get("models")),
+        cron=_build_cron(raw.get("cron")),
     )
 
 
@@ -588,6 +632,24 @@ def _build_models(raw: Any) -> Mapping[str, ModelSettings]:
         settings.validate(key)
         models[model] = settings
     return types.MappingProxyType(models)
+
+
+def _build_cron(raw: Any) -> Mapping[str, Any]:
+    """``cron:`` entries as schedule specs (an invalid one fails the whole load)."""
+    from goclaw.cron.spec import check_name, parse_spec
+
+    if raw is None:
+        return _empty_mapping()
+    if not isinstance(raw, dict):
+        raise ConfigError(f"cron: must be a mapping of schedule names, got {type(raw).__name__}")
+    specs = {}
+    for name, entry in raw.items():
+        try:
+            check_name(name)
+        except ConfigError as exc:
+            raise ConfigError(f"cron: {exc}") from None
+        specs[name] = parse_spec(entry, f"cron.{name}")
+    return types.MappingProxyType(specs)
 
 
 def _build_named(key: str, cls: type, values: dict[str, Any]) -> Any:

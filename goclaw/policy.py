@@ -85,6 +85,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from goclaw.durations import parse_duration
 from goclaw.errors import ConfigError
 from goclaw.filewatch import ThrottledCheck, stamp
 
@@ -110,8 +111,6 @@ TOP_KEYS = ("version", *RULE_KEYS, "approval_timeout", "agents")
 APPROVAL_MODES = ("allowlist", "ask", "deny")
 DEFAULT_APPROVAL_MODE = "allowlist"
 DEFAULT_APPROVAL_TIMEOUT_SECONDS = 600.0
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhd]?)$")
-_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 #: Fixed capabilities besides ``tools.<name>``, ``skills.<name>`` and ``mcp.<server>.<tool>``.
 FIXED_CAPABILITIES = frozenset({"acp.read", "acp.mutate", "net.http"})
 #: Capabilities whose subject is a file path judged by ``paths``.
@@ -421,19 +420,6 @@ class _Parser:
                 )
             modes[tool] = mode
         return tuple(sorted(modes.items()))
-
-
-def parse_duration(value: Any) -> float:
-    """Seconds from ``90``, ``90s``, ``10m``, ``1.5h`` or ``1d``; must be positive."""
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise ValueError(f"{value!r} is not a duration (90s, 10m, 1h)")
-    match = _DURATION.match(str(value).strip().lower())
-    if match is None:
-        raise ValueError(f"{value!r} is not a duration (90s, 10m, 1h)")
-    seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
-    if not 0 < seconds < float("inf"):
-        raise ValueError(f"{value!r} must be more than zero")
-    return seconds
 
 
 def _parse_capability(raw: str, known_tools: frozenset[str], parent: Rules | None) -> str:

@@ -294,7 +294,8 @@ def stack_specs(
     host: str,
     port: int,
 ) -> list[ChildSpec]:
-    """What ``goclaw up`` runs: one gateway and ``workers`` workers, each a ``goclaw`` process.
+    """What ``goclaw up`` runs: a gateway, ``workers`` workers and the scheduler, each a
+    ``goclaw`` process.
 
     Every child gets the same ``--home`` (and ``--config``) as ``goclaw up``, so
     they share one configuration and one database. Workers stop on SIGINT
@@ -312,8 +313,7 @@ def stack_specs(
             ChildSpec(f"worker-{i}", (*base, *worker), stop_signal=signal.SIGINT)
             for i in range(1, workers + 1)
         ),
-        # The scheduler (issue 7) goes here, one line:
-        # ChildSpec("scheduler", (*base, "scheduler")),
+        ChildSpec("scheduler", (*base, "scheduler")),
     ]
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 from goclaw.agent.definitions import AgentCatalog, AgentDefinition, UnknownAgent
 from goclaw.agent.effects import EffectLedger
+from goclaw.agent.heartbeat import register_heartbeat_kind
 from goclaw.agent.loop import AgentServices, AgentTurn
 from goclaw.agent.policy_hook import EnginePolicyHook
 from goclaw.agent.routing import ModelRouter
@@ -51,6 +52,7 @@ class AgentRuntime:
         services: AgentServices | None = None,
     ) -> None:
         env = os.environ if env is None else env
+        self.broker = app.broker
         db = app.broker.db
         stored = stored_secrets(db, env)
         # Fails closed: a worker with an invalid agent config or policy does not start.
@@ -145,13 +147,14 @@ class _Slot:
 def register_agent_kind(
     app: App, config: Config, *, env: Mapping[str, str] | None = None
 ) -> AgentRuntime:
-    """Add the ``agent`` kind to ``app``; its arguments are prompt, agent and session."""
+    """Add the ``agent`` kind (prompt, agent, session) and the ``heartbeat`` kind (agent)."""
     runtime = AgentRuntime(config, app, env=env)
 
     @app.kind(AGENT_KIND)
     def agent(ctx: TaskContext, prompt: str, agent: str, session: str) -> dict[str, Any]:
         return runtime.run_turn(ctx, prompt=prompt, agent=agent, session=session)
 
+    register_heartbeat_kind(app, runtime)
     return runtime
 
 

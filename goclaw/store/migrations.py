@@ -286,6 +286,36 @@ MIGRATIONS: tuple[Migration, ...] = (
             )""",
         ),
     ),
+    Migration(
+        7,
+        "schedules and their fires",
+        (
+            # One row per schedule: from config.yaml (source 'config'), from `goclaw cron
+            # add` or ACP (source 'runtime'), or an agent's heartbeat (source 'heartbeat').
+            # last_fire_at: the latest fire time handled (queued, caught up or skipped).
+            """CREATE TABLE schedules (
+                name TEXT PRIMARY KEY,
+                source TEXT NOT NULL,
+                spec TEXT NOT NULL,
+                enabled INTEGER NOT NULL,
+                created_at {double} NOT NULL,
+                updated_at {double} NOT NULL,
+                last_fire_at {double}
+            )""",
+            # What became of each fire time: its task, or that it was skipped (a window of
+            # missed fires is one row, `missed` counts them). Unique per fire time.
+            """CREATE TABLE schedule_fires (
+                id {serial_pk},
+                schedule TEXT NOT NULL,
+                fire_at {double} NOT NULL,
+                outcome TEXT NOT NULL,
+                task_id BIGINT,
+                missed INTEGER NOT NULL DEFAULT 0,
+                recorded_at {double} NOT NULL,
+                UNIQUE (schedule, fire_at)
+            )""",
+        ),
+    ),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version
