@@ -130,6 +130,27 @@ class Stack:
         )
         return worker
 
+    def scheduler(self, *args: str) -> WorkerProcess:
+        """A ``goclaw scheduler`` process, once it has started (stopped with the stack)."""
+        log_path = self.home / f"scheduler-{len(self.workers)}.log"
+        with log_path.open("wb") as log_file:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "goclaw.cli", "scheduler", *args],
+                env=self.env,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        process = WorkerProcess(proc, log_path)
+        self.workers.append(process)
+        wait_for(
+            lambda: "scheduler started" in process.log() or not process.alive(),
+            timeout=20,
+            what=lambda: f"scheduler {proc.pid} to start\n{process.log()}",
+        )
+        assert process.alive(), process.log()
+        return process
+
     def gateway(self, port: int = 0) -> GatewayProcess:
         """A ``goclaw gateway`` process on 127.0.0.1, answering /healthz (port 0: a free one)."""
         token = self.home / "auth.token"
