@@ -32,6 +32,7 @@ from goclaw.durations import parse_duration
 from goclaw.errors import ConfigError
 
 MISFIRE_POLICIES = ("skip", "run_once")
+MAX_EVERY_SECONDS = 366 * 86400
 NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 KEYS = (
     "schedule",
@@ -144,8 +145,8 @@ def parse_spec(raw: Any, key: str) -> ScheduleSpec:
             values["every"] = parse_duration(every)
         except ValueError as exc:
             raise ScheduleError(f"{key}.every: {exc}") from None
-        if values["every"] < 1:
-            raise ScheduleError(f"{key}.every: at least 1s, got {every!r}")
+        if not 1 <= values["every"] <= MAX_EVERY_SECONDS:
+            raise ScheduleError(f"{key}.every: between 1s and 366d, got {every!r}")
     agent, prompt, kind = (_text(raw, key, name) for name in ("agent", "prompt", "kind"))
     if kind and (agent or prompt):
         raise ScheduleError(f"{key}: give kind (a task) or agent and prompt (a turn), not both")

@@ -27,6 +27,9 @@ from goclaw.approvals import PENDING, ApprovalError
 from goclaw.approvals import SCOPES as APPROVAL_SCOPES
 from goclaw.approvals import STATES as APPROVAL_STATES
 from goclaw.config import DEFAULT_AGENT_ID
+from goclaw.cron.scheduler import Scheduler
+from goclaw.cron.spec import ScheduleError, check_name, parse_spec
+from goclaw.cron.store import ScheduleStore
 from goclaw.gateway import access, jsonrpc
 from goclaw.gateway.chat import queue_turn
 from goclaw.gateway.jsonrpc import Message, RpcError, invalid_params
@@ -409,3 +412,110 @@ async def approval_respond(conn: Connection, params: dict[str, Any]) -> dict[str
         code = jsonrpc.NOT_FOUND if exc.code == "not_found" else jsonrpc.CONFLICT
         raise RpcError(code, str(exc), {"what": "approval"}) from None
     return answered.as_json()
+
+
+# -- schedules ------------------------------------------------------------------------
+
+
+def _check_schedule_name(name: str) -> None:
+    try:
+        check_name(name)
+    except ScheduleError as exc:
+        raise invalid_params(str(exc)) from None
+
+
+async def _on_schedule(conn: Connection, name: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """Run a store or scheduler call on the schedule ``name`` on the database thread. Its
+    refusal keeps the store's message: ``not_found`` if no such schedule exists, else
+    ``conflict`` (the name is taken, or config.yaml owns the schedule)."""
+    store = ScheduleStore(conn.state.broker.db)
+
+    def call() -> Any:
+        try:
+            return fn(*args)
+        except ScheduleError as exc:
+            code = jsonrpc.NOT_FOUND if store.get(name) is None else jsonrpc.CONFLICT
+            raise RpcError(code, str(exc), {"what": "schedule"}) from None
+
+    return await conn.state.db(call)
+
+
+@method("cron.list")
+async def cron_list(conn: Connection, params: dict[str, Any]) -> dict[str, Any]:
+    Params(params).done()
+    schedules = await conn.state.db(ScheduleStore(conn.state.broker.db).list)
+    return {"schedules": [s.as_json() for s in schedules]}
+
+
+@method("cron.add", mutating=True)
+async def cron_add(conn: Connection, params: dict[str, Any]) -> dict[str, Any]:
+    """A runtime schedule, checked as a ``cron:`` entry of config.yaml would be."""
+    p = Params(params)
+    name = p.required("name", str)
+    raw = p.required("spec", dict)
+    p.done()
+    _check_schedule_name(name)
+    try:
+        spec = parse_spec(raw, f"cron.{name}")
+    except ScheduleError as exc:
+        raise invalid_params(str(exc)) from None
+    store = ScheduleStore(conn.state.broker.db)
+    schedule = await _on_schedule(conn, name, store.add, name, spec)
+    return {"schedule": schedule.as_json()}
+
+
+@method("cron.remove", mutating=True)
+async def cron_remove(conn: Connection, params: dict[str, Any]) -> dict[str, Any]:
+    p = Params(params)
+    name = p.required("name", str)
+    p.done()
+    _check_schedule_name(name)
+    await _on_schedule(conn, name, ScheduleStore(conn.state.broker.db).remove, name)
+    return {"removed": name}
+
+
+async def _set_enabled(conn: Connection, params: dict[str, Any], enabled: bool) -> dict[str, Any]:
+    p = Params(params)
+    name = p.required("name", str)
+    p.done()
+    _check_schedule_name(name)
+    store = ScheduleStore(conn.state.broker.db)
+    schedule = await _on_schedule(conn, name, store.set_enabled, name, enabled)
+    return {"schedule": schedule.as_json()}
+
+
+@method("cron.enable", mutating=True)
+async def cron_enable(conn: Connection, params: dict[str, Any]) -> dict[str, Any]:
+    """Fires missed while it was disabled are not caught up."""
+    return await _set_enabled(conn, params, True)
+
+
+@method("cron.disable", mutating=True)
+async def cron_disable(conn: Connection, params: dict[str, Any]) -> dict[str, Any]:
+    return await _set_enabled(conn, params, False)
+
+
+@method("cron.run_now", mutating=True)
+async def cron_run_now(conn: Connection, params: dict[str, Any]) -> dict[str, Any]:
+    """Queue the schedule's work now, outside its times (its history says ``manual``)."""
+    p = Params(params)
+    name = p.required("name", str)
+    p.done()
+    _check_schedule_name(name)
+    config = conn.state.config
+    scheduler = Scheduler(conn.state.broker, config.scheduler, queue=config.worker.queue)
+    fired = await _on_schedule(conn, name, scheduler.run_now, name)
+    return {"fire_at": fired.fire_at, "task_id": fired.task_id}
+
+
+@method("cron.history")
+async def cron_history(conn: Connection, params: dict[str, Any]) -> dict[str, Any]:
+    """Fires newest first, each with its task's state now."""
+    p = Params(params)
+    name = p.required("name", str)
+    limit = p.count("limit", 50, low=1)
+    p.done()
+    _check_schedule_name(name)
+    store = ScheduleStore(conn.state.broker.db)
+    fires = await _on_schedule(conn, name, store.history, name, limit)
+    return {"fires": [f.as_json() for f in fires]}

@@ -129,7 +129,7 @@ def test_up_starts_gateway_and_workers_and_runs_a_task(stack, start_up):
     up = start_up("--workers", "2", "--concurrency", "2")
     health = up.wait_healthy(workers=2)
     print(f"\nhealthy with 2 workers after {time.monotonic() - begun:.2f}s")
-    assert set(up.pids()) == {"gateway", "worker-1", "worker-2"}
+    assert set(up.pids()) == {"gateway", "worker-1", "worker-2", "scheduler"}
     assert health["status"] == "ok" and health["database"]["ok"] is True
     assert health["workers"]["live"] == 2
     # The supervisor says where the gateway is, once it answers.
