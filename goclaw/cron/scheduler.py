@@ -107,15 +107,14 @@ class Scheduler:
         """Handle every enabled schedule's due fire times once; answer what was done."""
         now = self.clock()
         fired: list[Fired] = []
-        for schedule in self.store.list():
-            if not schedule.enabled:
-                continue
+        names = self.broker.db.fetchall(
+            "SELECT name FROM schedules WHERE enabled = 1 ORDER BY name"
+        )
+        for (name,) in names:
             try:
-                fired += self.fire_due(schedule.name, now)
+                fired += self.fire_due(name, now)
             except Exception:  # one broken schedule must not stop the others
-                log.exception(
-                    "schedule %s: firing failed; the next tick tries again", schedule.name
-                )
+                log.exception("schedule %s: firing failed; the next tick tries again", name)
         return fired
 
     def fire_due(self, name: str, now: float) -> list[Fired]:
@@ -152,7 +151,11 @@ class Scheduler:
         now = self.clock()
         with self.broker.db.transaction():
             schedule = self.store.require(name)
-            fired = self._queue(schedule, now, MANUAL)
+            # Its own key: a manual run never stands in for a scheduled fire time.
+            task_id = submit_fire(
+                self.broker, schedule, now, queue=self.queue, key=f"cron:{name}:manual:{now!r}"
+            )
+            fired = self._record(name, now, MANUAL, task_id, 0)
         _log_fire(fired)
         return fired
 
@@ -202,10 +205,12 @@ class Scheduler:
         return fresh
 
 
-def submit_fire(broker: Broker, schedule: Schedule, fire_at: float, *, queue: str) -> int:
+def submit_fire(
+    broker: Broker, schedule: Schedule, fire_at: float, *, queue: str, key: str | None = None
+) -> int:
     """Queue one fire's task, idempotently: the key is the schedule and the fire time."""
     spec = schedule.spec
-    key = f"cron:{schedule.name}:{fire_at:.0f}"
+    key = key or f"cron:{schedule.name}:{fire_at:.0f}"
     if spec.prompt is not None:
         submitted, _ = submit_turn(
             broker,

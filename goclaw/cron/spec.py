@@ -8,7 +8,8 @@ names the key, so a running scheduler never meets it.
 
 Fire times are APScheduler 3.11's (``CronTrigger.from_crontab``, and an
 ``IntervalTrigger`` anchored at the Unix epoch so that ``every: 15m`` fires at
-:00, :15, :30 and :45 in every process). Two rules are ours (docs/ARCHITECTURE.md,
+:00, :15, :30 and :45 in every process; an interval counts real time, so its
+timezone only matters for ``active_hours``). Two rules are ours (docs/ARCHITECTURE.md,
 "Schedules"): a local time that a DST change skips fires once, an hour later in
 wall-clock terms (APScheduler's behaviour); a local time that occurs twice fires
 once, at its first occurrence.
@@ -33,7 +34,8 @@ from goclaw.errors import ConfigError
 
 MISFIRE_POLICIES = ("skip", "run_once")
 MAX_EVERY_SECONDS = 366 * 86400
-NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+#: Room for ``heartbeat.<agent id>`` (agent ids have up to 63 characters).
+NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,79}$")
 KEYS = (
     "schedule",
     "every",
@@ -48,7 +50,7 @@ KEYS = (
 )
 _HOURS = re.compile(r"^(\d{1,2}):(\d{2})-(\d{1,2}):(\d{2})$")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_STEP = timedelta(seconds=1)
+_STEP = timedelta(microseconds=1)
 
 
 class ScheduleError(ConfigError):
@@ -91,23 +93,19 @@ class ScheduleSpec:
         """Fire times in (``after``, ``until``], in order, as epoch seconds."""
         trigger = self._trigger()
         zone = ZoneInfo(self.timezone)
+        # In UTC: local arithmetic and comparisons ignore which of two equal wall times
+        # (fold) a datetime is, and APScheduler then answers a repeated time again.
         cursor = datetime.fromtimestamp(after, UTC)
-        last_local = cursor.astimezone(zone).replace(tzinfo=None)
         while True:
-            # One second on: fires are whole seconds, at least a second apart.
             fire = trigger.get_next_fire_time(None, cursor + _STEP)
             if fire is None or fire.timestamp() > until:
                 return
             if fire.timestamp() <= cursor.timestamp():  # never go back, whatever it says
                 raise ScheduleError(f"{self.describe()}: no fire time after {cursor}")
-            # In UTC: local arithmetic and comparisons ignore which of two equal wall times
-            # (fold) a datetime is.
             cursor = fire.astimezone(UTC)
             local = fire.astimezone(zone)
-            wall = local.replace(tzinfo=None)
-            if self.schedule and wall == last_local:
+            if self.schedule and local.replace(fold=0).astimezone(UTC) != cursor:
                 continue  # the second occurrence of a repeated local time (DST ends)
-            last_local = wall
             if self.active_hours and not _within(local, self.active_hours):
                 continue
             yield fire.timestamp()
@@ -145,8 +143,9 @@ def parse_spec(raw: Any, key: str) -> ScheduleSpec:
             values["every"] = parse_duration(every)
         except ValueError as exc:
             raise ScheduleError(f"{key}.every: {exc}") from None
-        if not 1 <= values["every"] <= MAX_EVERY_SECONDS:
-            raise ScheduleError(f"{key}.every: between 1s and 366d, got {every!r}")
+        seconds = values["every"]
+        if not 1 <= seconds <= MAX_EVERY_SECONDS or seconds != int(seconds):
+            raise ScheduleError(f"{key}.every: whole seconds between 1s and 366d, got {every!r}")
     agent, prompt, kind = (_text(raw, key, name) for name in ("agent", "prompt", "kind"))
     if kind and (agent or prompt):
         raise ScheduleError(f"{key}: give kind (a task) or agent and prompt (a turn), not both")
@@ -189,7 +188,7 @@ def check_name(name: Any) -> str:
     if not isinstance(name, str) or not NAME.fullmatch(name):
         raise ScheduleError(
             f"schedule name {name!r}: lower-case letters, digits, '_', '.' and '-', starting "
-            "with a letter or digit, at most 63 characters"
+            "with a letter or digit, at most 80 characters"
         )
     return name
 

@@ -91,8 +91,15 @@ class ScheduleStore:
         return schedule
 
     def list(self) -> list[Schedule]:
-        rows = self.db.fetchall(f"SELECT {_COLUMNS} FROM schedules ORDER BY name")
-        return [_schedule(row) for row in rows]
+        """Every schedule that can be read; a row that cannot (a spec edited by hand in the
+        database) is logged and left out, so one bad row never stops the others."""
+        schedules = []
+        for row in self.db.fetchall(f"SELECT {_COLUMNS} FROM schedules ORDER BY name"):
+            try:
+                schedules.append(_schedule(row))
+            except (ScheduleError, ValueError) as exc:
+                log.warning("schedule %s cannot be read, skipped: %s", row[0], exc)
+        return schedules
 
     def history(self, name: str, limit: int = 50) -> list[Fire]:
         """Fires newest first, each with its task's state as of now."""
@@ -110,6 +117,7 @@ class ScheduleStore:
     def add(self, name: str, spec: ScheduleSpec) -> Schedule:
         """A runtime schedule; it fires from now on (nothing before it is caught up)."""
         check_name(name)
+        spec = spec_from_json(spec.as_json())  # the checks, also for a spec built by hand
         now = self.clock()
         with self.db.transaction():
             held = self.get(name)
@@ -132,6 +140,8 @@ class ScheduleStore:
                     "or disable it"
                 )
             self.db.execute("DELETE FROM schedules WHERE name = ?", (name,))
+            # A schedule added again under this name starts with no history.
+            self.db.execute("DELETE FROM schedule_fires WHERE schedule = ?", (name,))
         return schedule
 
     def set_enabled(self, name: str, enabled: bool) -> Schedule:
@@ -139,11 +149,17 @@ class ScheduleStore:
         now = self.clock()
         with self.db.transaction():
             schedule = self.require(name)
-            if schedule.enabled != enabled:
+            if schedule.enabled == enabled:
+                pass
+            elif enabled:
                 self.db.execute(
-                    "UPDATE schedules SET enabled = ?, updated_at = ?, last_fire_at = ? "
+                    "UPDATE schedules SET enabled = 1, updated_at = ?, last_fire_at = ? "
                     "WHERE name = ?",
-                    (int(enabled), now, max(schedule.last_fire_at or 0.0, now), name),
+                    (now, max(schedule.last_fire_at or 0.0, now), name),
+                )
+            else:
+                self.db.execute(
+                    "UPDATE schedules SET enabled = 0, updated_at = ? WHERE name = ?", (now, name)
                 )
         return self.require(name)
 
@@ -159,21 +175,29 @@ class ScheduleStore:
         changes = []
         with self.db.transaction():
             held = {s.name: s for s in self.list()}
+            unreadable = {row[0] for row in self.db.fetchall("SELECT name FROM schedules")} - set(
+                held
+            )
             for name, (source, spec) in declared.items():
                 old = held.get(name)
-                if old is None:
+                if old is None and name not in unreadable:
                     self.db.execute(
                         f"INSERT INTO schedules ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, NULL)",
                         (name, source, _dump(spec), int(spec.enabled), now, now),
                     )
                     changes.append(f"added {name}")
-                elif old.source != source or old.spec != spec:
-                    if old.source == RUNTIME:
+                elif old is None or old.source != source or old.spec != spec:
+                    if old is not None and old.source == RUNTIME:
                         log.warning("config.yaml declares %s: it replaces the runtime one", name)
+                    # `enabled` follows config.yaml only where config.yaml changed it: a
+                    # `goclaw cron disable` survives an unrelated edit.
+                    enabled = spec.enabled
+                    if old is not None and old.spec.enabled == spec.enabled:
+                        enabled = old.enabled
                     self.db.execute(
                         "UPDATE schedules SET source = ?, spec = ?, enabled = ?, updated_at = ?, "
                         "last_fire_at = ? WHERE name = ?",
-                        (source, _dump(spec), int(spec.enabled), now, now, name),
+                        (source, _dump(spec), int(enabled), now, now, name),
                     )
                     changes.append(f"updated {name}")
             for name, old in held.items():

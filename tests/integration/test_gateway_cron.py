@@ -92,7 +92,7 @@ def test_add_list_run_now_history_pause_and_remove(broker, home):
                 task = await acp.call("task.get", task_id=fired["task_id"])
                 assert task["kind"] == "noop" and task["state"] == "QUEUED"
                 assert task["args"] == {"feed": "news"}
-                assert task["idempotency_key"] == f"cron:poll:{fired['fire_at']:.0f}"
+                assert task["idempotency_key"] == f"cron:poll:manual:{fired['fire_at']!r}"
                 history = await acp.call("cron.history", name="poll")
                 [fire] = history["fires"]
                 assert fire["outcome"] == "manual" and fire["task_id"] == fired["task_id"]
