@@ -83,7 +83,11 @@ def _when(epoch: float | None) -> str:
 @command
 def cron_list(obj: Context, as_json: bool) -> None:
     """Every schedule: where it comes from, when it fires, what it queues."""
-    schedules = _store(obj).list()
+    from goclaw.cron.scheduler import declared_schedules
+
+    store = _store(obj)
+    store.sync(declared_schedules(obj.config))  # config.yaml as it is now, scheduler or not
+    schedules = store.list()
     if as_json:
         emit_json([s.as_json() for s in schedules])
         return

@@ -77,6 +77,7 @@ class ScheduleStore:
     def __init__(self, db: Database, *, clock: Callable[[], float] = time.time) -> None:
         self.db = db
         self.clock = clock
+        self._unreadable: set[tuple[str, str]] = set()
 
     # -- reading ---------------------------------------------------------------
 
@@ -98,7 +99,9 @@ class ScheduleStore:
             try:
                 schedules.append(_schedule(row))
             except (ScheduleError, ValueError) as exc:
-                log.warning("schedule %s cannot be read, skipped: %s", row[0], exc)
+                if (row[0], row[2]) not in self._unreadable:  # once, not at every tick
+                    self._unreadable.add((row[0], row[2]))
+                    log.error("schedule %s cannot be read and does not fire: %s", row[0], exc)
         return schedules
 
     def history(self, name: str, limit: int = 50) -> list[Fire]:

@@ -325,7 +325,8 @@ def test_a_runtime_schedule_fires_only_from_its_creation(broker) -> None:
 
 
 def test_a_schedule_added_just_before_a_fire_gets_that_fire(broker) -> None:
-    """BUG (goclaw/cron/spec.py fires(): ``cursor + _STEP``): created at 00:00:59.5, an
+    """Regression (once a bug in goclaw/cron/spec.py fires():
+    ``cursor + _STEP``): created at 00:00:59.5, an
     every-minute schedule skips 00:01:00 and first fires at 00:02:00.
 
     ``fire_due`` passes created_at (the clock, with a fraction) as ``after``; fires()
@@ -358,7 +359,8 @@ def test_add_refuses_an_existing_name_and_bad_names(broker) -> None:
 
 
 def test_a_bad_spec_object_is_refused_by_add_and_leaves_the_store_usable(broker) -> None:
-    """BUG (goclaw/cron/store.py add): an unchecked ScheduleSpec is inserted and committed,
+    """Regression (once a bug in goclaw/cron/store.py add):
+    an unchecked ScheduleSpec is inserted and committed,
     then ``require`` fails to read it back, so the ScheduleError comes after the commit and
     the row stays: every later ``list()`` (goclaw cron list, each tick) raises."""
     store = ScheduleStore(broker.db, clock=lambda: T0)
@@ -502,7 +504,8 @@ def test_run_now_queues_a_manual_fire_and_history_is_newest_first(broker) -> Non
 
 
 def test_run_now_does_not_swallow_the_next_scheduled_fire(broker) -> None:
-    """BUG (goclaw/cron/scheduler.py submit_fire: key ``f"{fire_at:.0f}"``): a manual run at
+    """Regression (once a bug in goclaw/cron/scheduler.py submit_fire: key ``f"{fire_at:.0f}"``):
+    a manual run at
     00:00:59.6 gets the key cron:m:60, which is the key of the scheduled fire at 00:01:00;
     that fire then finds "its" task already there and queues nothing, while history
     records it as 'queued' with the manual run's task. Two run-nows within the same
@@ -570,7 +573,8 @@ def test_an_agent_schedule_queues_agent_turns(broker) -> None:
 
 
 def test_a_corrupted_stored_spec_is_skipped_and_the_others_fire(broker, tmp_path, caplog) -> None:
-    """BUG (goclaw/cron/store.py list + scheduler.py tick): ``tick`` lists the schedules
+    """Regression (once a bug in goclaw/cron/store.py list + scheduler.py tick):
+    ``tick`` lists the schedules
     outside its per-schedule ``try``; ``list()`` parses every row, so one bad row raises
     out of ``tick()`` and ``run()``, and no schedule fires any more."""
     clock = Clock(T0)

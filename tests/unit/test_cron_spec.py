@@ -282,7 +282,7 @@ def test_after_is_exclusive_and_until_inclusive() -> None:
 
 
 def test_after_between_whole_seconds_is_still_exclusive_only_of_itself() -> None:
-    """BUG: a fire within a second after a fractional ``after`` is lost.
+    """Regression (once a bug): a fire within a second after a fractional ``after`` is lost.
 
     ``fires`` asks APScheduler for the next fire at ``after + 1s``; that is only right
     when ``after`` is itself a fire time. ``after`` is also a schedule's created_at or
@@ -354,7 +354,8 @@ def test_fall_back_second_occurrence_not_fired_after_restart() -> None:
 
 
 def test_fire_times_do_not_depend_on_where_the_window_starts() -> None:
-    """BUG: the repeated-time rule only looks at the window's start (or the previous fire).
+    """Regression (once a bug):
+    the repeated-time rule only looks at the window's start (or the previous fire).
 
     From 00:45 UTC on 2026-10-25 (02:45 CEST, between the two 02:30s) the second 02:30
     (01:30 UTC) is yielded, although the rule says that local time already fired. A
@@ -366,7 +367,7 @@ def test_fire_times_do_not_depend_on_where_the_window_starts() -> None:
 
 
 def test_repeated_hour_with_two_fire_times_fires_each_once() -> None:
-    """BUG: '0,30 2 * * *' fires four times on 2026-10-25 in Berlin.
+    """Regression (once a bug): '0,30 2 * * *' fires four times on 2026-10-25 in Berlin.
 
     The duplicate check compares a fire's wall time with the previous fire's only, so
     02:00 CEST, 02:30 CEST, 02:00 CET, 02:30 CET all fire; by the module's rule the last
