@@ -11,6 +11,7 @@ under the new definition.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import time
@@ -214,11 +215,17 @@ def _dump(spec: ScheduleSpec) -> str:
     return json.dumps(spec.as_json(), sort_keys=True)
 
 
+@functools.lru_cache(maxsize=1024)
+def _spec(text: str) -> ScheduleSpec:
+    """Specs are immutable: each stored text is parsed and checked once, not at every tick."""
+    return spec_from_json(json.loads(text))
+
+
 def _schedule(row: Any) -> Schedule:
     return Schedule(
         name=row[0],
         source=row[1],
-        spec=spec_from_json(json.loads(row[2])),
+        spec=_spec(row[2]),
         enabled=bool(row[3]),
         created_at=float(row[4]),
         updated_at=float(row[5]),
