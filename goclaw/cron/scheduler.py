@@ -25,7 +25,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from goclaw.agent.heartbeat import HEARTBEAT_KIND, heartbeat_session
@@ -187,9 +186,10 @@ class Scheduler:
         seen = stamp(watched)
         self.sync(config)
         while not stop.is_set():
-            if stamp(watched) != seen:
-                seen = stamp(watched)
-                config = self._reload(config, watched) or config
+            current = stamp(watched)
+            if current != seen:
+                seen = current
+                config = self._reload(config) or config
             self.tick()
             stop.wait(self.settings.tick_seconds)
 
@@ -198,7 +198,7 @@ class Scheduler:
         if changes:
             log.info("schedules from config.yaml: %s", "; ".join(changes))
 
-    def _reload(self, config: Config, path: Path) -> Config | None:
+    def _reload(self, config: Config) -> Config | None:
         try:
             fresh = load_config(config.home, config.path)
             self.sync(fresh)
