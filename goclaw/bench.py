@@ -139,6 +139,24 @@ def bench_workdir(workdir: str | None, prefix: str, say: Callable[[str], None]) 
             say(f"bench files kept in {base}")
 
 
+def run_per_call_bench(
+    prefix: str,
+    run: Callable[[Path, int, int, Callable[[str], None]], dict[str, Any]],
+    *,
+    calls: int,
+    warmup: int,
+    workdir: str | os.PathLike[str] | None,
+    progress: Callable[[str], None] | None,
+) -> dict[str, Any]:
+    """The frame of the benches that time one call many times (policy, skill): checks the
+    counts, then ``run(base, calls, warmup, say)`` in a work directory."""
+    if calls < 1 or warmup < 0:
+        raise ValueError("calls must be at least 1 and warmup at least 0")
+    say = progress or (lambda _message: None)
+    with bench_workdir(workdir, prefix, say) as base:
+        return run(base, calls, warmup, say)
+
+
 def _run(
     base: Path,
     n_tasks: int,

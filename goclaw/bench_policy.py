@@ -38,7 +38,7 @@ from goclaw.agent.tools import (
     invoke,
 )
 from goclaw.audit import AuditLog
-from goclaw.bench import BenchError, _nearest_rank, bench_workdir, probe_fsync
+from goclaw.bench import BenchError, _nearest_rank, probe_fsync, run_per_call_bench
 from goclaw.policy import Policy, parse_policy
 from goclaw.store.database import Database
 from goclaw.store.migrations import migrate
@@ -94,11 +94,9 @@ def run_policy_bench(
     progress: Progress = None,
 ) -> dict[str, Any]:
     """Time the three variants interleaved; the figures as one flat dict (``--json``)."""
-    if calls < 1 or warmup < 0:
-        raise ValueError("calls must be at least 1 and warmup at least 0")
-    say = progress or (lambda _message: None)
-    with bench_workdir(workdir, "goclaw-bench-policy-", say) as base:
-        return _run(base, calls, warmup, say)
+    return run_per_call_bench(
+        "goclaw-bench-policy-", _run, calls=calls, warmup=warmup, workdir=workdir, progress=progress
+    )
 
 
 def _run(base: Path, calls: int, warmup: int, say: Callable[[str], None]) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from typing import Any
 import yaml
 
 from goclaw.agent.tools import ToolContext, ToolError
-from goclaw.bench import BenchError, _nearest_rank, bench_workdir
+from goclaw.bench import BenchError, _nearest_rank, run_per_call_bench
 from goclaw.config import load_config
 from goclaw.skills.discovery import BUNDLED_DIR
 from goclaw.skills.manifest import read_manifest
@@ -64,11 +64,9 @@ def run_skill_bench(
     workdir: str | os.PathLike[str] | None = None,
     progress: Progress = None,
 ) -> dict[str, Any]:
-    if calls < 1 or warmup < 0:
-        raise ValueError("calls must be at least 1 and warmup at least 0")
-    say = progress or (lambda _message: None)
-    with bench_workdir(workdir, "goclaw-bench-skill-", say) as base:
-        return _run(base, calls, warmup, say)
+    return run_per_call_bench(
+        "goclaw-bench-skill-", _run, calls=calls, warmup=warmup, workdir=workdir, progress=progress
+    )
 
 
 def _run(base: Path, calls: int, warmup: int, say: Callable[[str], None]) -> dict[str, Any]:
