@@ -22,6 +22,9 @@ from goclaw.fake_llm import FakeLLM, Script
 from tests.acceptance.conftest import Stack, wait_for
 
 pytestmark = pytest.mark.slow
+#: Where the database plays no part in what is tested (validation, the heartbeat's handling
+#: of replies): SQLite only. Exactly-once under kills and peers runs on both.
+sqlite_only = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 
 #: Tuesday 2026-11-24, 10:00:00 UTC (11:00 in Berlin): every minute from it is a fire time
 #: of "* * * * *".
@@ -149,6 +152,7 @@ def test_missed_fires_skip_or_run_once_after_downtime(make_stack):
     assert len(cron_tasks(stack, "catcher")) == 3
 
 
+@sqlite_only
 def test_a_bad_cron_add_or_config_edit_never_stops_the_running_scheduler(make_stack):
     stack = make_stack(**FAST)
     write_config(stack, cron={"tick": {"schedule": "* * * * *", "kind": "noop"}})
@@ -174,6 +178,7 @@ def test_a_bad_cron_add_or_config_edit_never_stops_the_running_scheduler(make_st
     assert tick.spec.schedule == "* * * * *"
 
 
+@sqlite_only
 def test_the_heartbeat_suppresses_ok_deduplicates_and_keeps_active_hours(make_stack):
     fake = FakeLLM(
         Script.from_data(

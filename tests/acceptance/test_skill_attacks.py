@@ -322,6 +322,7 @@ def test_an_agent_uses_bundled_skills_end_to_end(make_stack, fake):
     assert tally["function"]["parameters"]["required"] == ["counter"]
 
 
+@sqlite_only
 def test_skill_install_stages_first_and_a_running_worker_picks_it_up(
     make_stack, fake, tmp_path: Path
 ):
