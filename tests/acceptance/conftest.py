@@ -108,18 +108,25 @@ class Stack:
         self.workers: list[WorkerProcess] = []
         self.gateways: list[GatewayProcess] = []
 
-    def worker(self, *args: str, concurrency: int = 4) -> WorkerProcess:
-        log_path = self.home / f"worker-{len(self.workers)}.log"
+    def _spawn(self, name: str, *args: str) -> WorkerProcess:
+        """``goclaw ARGS`` in its own session, logging to HOME/NAME-N.log; killed with the
+        stack."""
+        log_path = self.home / f"{name}-{len(self.workers)}.log"
         with log_path.open("wb") as log_file:  # the child keeps its own descriptor
             proc = subprocess.Popen(
-                [sys.executable, "-m", "goclaw.cli", "worker", "-c", str(concurrency), *args],
+                [sys.executable, "-m", "goclaw.cli", *args],
                 env=self.env,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        worker = WorkerProcess(proc, log_path)
-        self.workers.append(worker)
+        process = WorkerProcess(proc, log_path)
+        self.workers.append(process)
+        return process
+
+    def worker(self, *args: str, concurrency: int = 4) -> WorkerProcess:
+        worker = self._spawn("worker", "worker", "-c", str(concurrency), *args)
+        proc = worker.proc
         wait_for(
             # Process workers register each forked child, under the parent's id.
             lambda: any(
@@ -132,17 +139,8 @@ class Stack:
 
     def scheduler(self, *args: str) -> WorkerProcess:
         """A ``goclaw scheduler`` process, once it has started (stopped with the stack)."""
-        log_path = self.home / f"scheduler-{len(self.workers)}.log"
-        with log_path.open("wb") as log_file:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "goclaw.cli", "scheduler", *args],
-                env=self.env,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        process = WorkerProcess(proc, log_path)
-        self.workers.append(process)
+        process = self._spawn("scheduler", "scheduler", *args)
+        proc = process.proc
         wait_for(
             lambda: "scheduler started" in process.log() or not process.alive(),
             timeout=20,
